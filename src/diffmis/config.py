@@ -1,0 +1,307 @@
+"""Typed, validated configuration.
+
+A config is YAML on disk and a frozen :class:`Config` in memory with one section per concern:
+``experiment``, ``data``, ``model``, ``diffusion``, ``train``, ``sample``. Unknown keys and wrong types are
+errors (:class:`ConfigError`) that name the key and the file. ``--set a.b=c`` overrides are parsed as YAML
+scalars. :func:`dump_config` writes the resolved config so that :func:`load_config` reads it back identically.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+import yaml
+from diffmis.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "ExperimentConfig",
+    "DataConfig",
+    "AugmentConfig",
+    "SyntheticConfig",
+    "ComponentConfig",
+    "ModelConfig",
+    "DiffusionConfig",
+    "TrainConfig",
+    "SampleConfig",
+    "load_config",
+    "config_from_dict",
+    "dump_config",
+    "apply_overrides",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+Size2 = tuple[int, int]
+
+
+def _as_size(v: Any) -> Any:
+    if v is None:
+        return v
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return tuple(v)
+    return v
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    recipe: Literal["segmentor", "medsegdiff", "medsegdiff_v2", "pd_ddpm", "hidiff", "conditional_unet"] = (
+        "medsegdiff"
+    )
+    seed: int = 0
+    output_dir: str = "runs"
+
+
+class AugmentConfig(_Section):
+    flip: bool = False
+    rotate90: bool = False
+    rotate_degrees: float = Field(0.0, ge=0, le=180)
+    affine: bool = False
+    scale_range: float = Field(0.0, ge=0, lt=1)
+    intensity: float = Field(0.0, ge=0)
+    color_jitter: float = Field(0.0, ge=0)
+    prob: float = Field(0.5, ge=0, le=1)
+
+
+class SyntheticConfig(_Section):
+    n_train: int = Field(16, ge=1)
+    n_val: int = Field(4, ge=1)
+    n_test: int = Field(4, ge=1)
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    kind: Literal["folder", "nnunet", "mni", "synthetic"] = "folder"
+    root: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    image_size: Optional[Size2] = (64, 64)
+    patch_size: Optional[Size2] = None
+    in_channels: int = Field(3, ge=1)
+    num_classes: int = Field(1, ge=1)
+    labels: Optional[list[int]] = None
+    normalize: Literal["minmax", "zscore", "ct_window", "none"] = "minmax"
+    ct_window: Size2 = (-160, 240)
+    slice_axis: int = Field(2, ge=0, le=2)
+    augment: AugmentConfig = AugmentConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    num_workers: int = Field(0, ge=0)
+    cache: bool = True
+
+    _size = field_validator("image_size", "patch_size", mode="before")(_as_size)
+
+
+class ComponentConfig(_Section):
+    """A registry name plus the keyword arguments of its constructor."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    name: str = "medsegdiff"
+    params: dict[str, Any] = Field(default_factory=dict)
+    segmentor: Optional[ComponentConfig] = None
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class DiffusionConfig(_Section):
+    kind: Literal["gaussian", "bernoulli", "none"] = "gaussian"
+    timesteps: int = Field(1000, ge=1)
+    schedule: Literal["linear", "cosine", "cosine2", "alpha_bar_linear"] = "linear"
+    prediction: Literal["eps", "x0", "v"] = "eps"
+    mask_range: Literal["pm1", "01"] = "pm1"
+    learn_sigma: bool = False
+    focal_lambda: float = Field(1.0, ge=0)
+    focal_gamma: float = Field(2.0, ge=0)
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(1000, ge=0)
+    max_minutes: Optional[float] = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "poly"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    ema_decay: Optional[float] = Field(0.999, ge=0, lt=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    val_every: int = Field(0, ge=0)
+    val_max_batches: Optional[int] = Field(None, ge=1)
+    log_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(0, ge=0)
+    loss_weights: dict[str, float] = Field(default_factory=dict)
+    # HiDiff alternate-collaborative training (METHODS 5.5)
+    w_diff: float = Field(0.1, ge=0)
+    pretrain_steps: int = Field(0, ge=0)
+    # PD-DDPM: path of an existing segmentor run used as the pre-segmentation net (else one is trained)
+    prior_run: Optional[str] = None
+    prior_steps: int = Field(0, ge=0)
+    progress: bool = True
+
+
+class SampleConfig(_Section):
+    sampler: Literal["ddpm", "ddim", "bernoulli", "bernoulli_ddim", "direct"] = "ddim"
+    steps: int = Field(10, ge=1)
+    eta: float = Field(0.0, ge=0)
+    ensemble: int = Field(1, ge=1)
+    fuse: Literal["mean", "staple", "mean_squared"] = "mean"
+    threshold: float = Field(0.5, gt=0, lt=1)
+    start_step: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    use_ema: bool = True
+
+
+class Config(_Section):
+    experiment: ExperimentConfig = ExperimentConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "Config":
+        d = self.diffusion
+        if d.kind == "bernoulli" and d.schedule == "linear" and d.timesteps < 1000:
+            # beta_t = linspace(s*1e-4, s*0.02, T) with s = 1000/T exceeds 1 for small T (METHODS 5.3.5)
+            s = 1000.0 / d.timesteps
+            if s * 0.02 >= 1.0:
+                raise ValueError(
+                    f"diffusion.schedule='linear' is invalid for timesteps={d.timesteps}: its betas reach "
+                    f"{s * 0.02:.2f} >= 1; use 'cosine', 'cosine2' or 'alpha_bar_linear'"
+                )
+        if self.sample.start_step is not None and self.sample.start_step > d.timesteps:
+            raise ValueError(
+                f"sample.start_step={self.sample.start_step} exceeds diffusion.timesteps={d.timesteps}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python nested dict (lists instead of tuples), suitable for YAML/JSON."""
+        return _plain(self.model_dump(mode="python"))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{loc}'")
+        else:
+            lines.append(f"'{loc}': {e['msg']} (got {e.get('input')!r})")
+    return f"invalid config {source}: " + "; ".join(lines)
+
+
+def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> Config:
+    """Validate a nested dict into a :class:`Config`; raise :class:`ConfigError` naming key and source."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise ConfigError(f"override '{item}': the key must name a section and a field, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``a.b.c=value`` overrides applied (values parsed as YAML)."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for p in path[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = {}
+                node[p] = nxt
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def load_config(
+    path: Union[str, Path, None] = None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None
+) -> Config:
+    """Load a YAML config file (or start from ``base``/defaults), apply overrides, validate.
+
+    Raises:
+        ConfigError: the file is missing or is not valid YAML, a key is unknown, or a value has the wrong type.
+    """
+    data: dict[str, Any] = copy.deepcopy(base) if base else {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"invalid config {p}: the top level must be a mapping")
+        data = _deep_merge(data, loaded)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " (with --set overrides)"
+    return config_from_dict(data, source)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def dump_config(cfg: Config, path: Union[str, Path, None] = None) -> str:
+    """Serialise the resolved config to YAML (and write it to ``path`` if given). Reloads identically."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text

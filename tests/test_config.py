@@ -1,0 +1,94 @@
+"""Config: validation errors name the key and the file; overrides; dump/reload round trip."""
+
+from pathlib import Path
+
+import pytest
+
+from diffmis.config import ConfigError, Config, apply_overrides, dump_config, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.diffusion.timesteps == 1000
+    assert cfg.data.image_size == (64, 64)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "train:\n  lr: 1e-3\n  learning_rat: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "train.learning_rat" in msg and str(p) in msg and "unknown key" in msg
+
+
+def test_unknown_section(tmp_path):
+    p = write(tmp_path, "trainer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'trainer'"):
+        load_config(p)
+
+
+def test_wrong_type_names_key(tmp_path):
+    p = write(tmp_path, "train:\n  batch_size: eight\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "train.batch_size" in str(e.value) and "eight" in str(e.value)
+
+
+def test_bad_literal(tmp_path):
+    p = write(tmp_path, "diffusion:\n  schedule: quadratic\n")
+    with pytest.raises(ConfigError, match="diffusion.schedule"):
+        load_config(p)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = write(tmp_path, "train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_overrides_parse_yaml_scalars(tmp_path):
+    p = write(tmp_path, "train:\n  lr: 1e-3\n")
+    cfg = load_config(p, overrides=["train.lr=5e-4", "train.max_steps=7", "data.image_size=[32, 48]",
+                                    "train.precision=bf16", "model.params.width=16"])
+    assert cfg.train.lr == pytest.approx(5e-4)
+    assert cfg.train.max_steps == 7
+    assert cfg.data.image_size == (32, 48)
+    assert cfg.train.precision == "bf16"
+    assert cfg.model.params == {"width": 16}
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="train.nope"):
+        load_config(overrides=["train.nope=1"])
+
+
+def test_bernoulli_linear_small_T_rejected():
+    with pytest.raises(ConfigError, match="linear.*invalid for timesteps=10"):
+        load_config(overrides=["diffusion.kind=bernoulli", "diffusion.timesteps=10", "diffusion.schedule=linear"])
+
+
+def test_dump_reload_identical(tmp_path):
+    cfg = load_config(overrides=["experiment.name=x", "data.image_size=48", "model.params.depth=3",
+                                 "train.loss_weights.anchor=0.5"])
+    out = tmp_path / "resolved.yaml"
+    dump_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg
+    assert dump_config(again) == out.read_text()
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(Exception):
+        cfg.train.lr = 3.0  # type: ignore[misc]
