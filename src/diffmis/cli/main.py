@@ -26,7 +26,7 @@ def _maybe_reexec_with_malloc_tuning(argv: Sequence[str]) -> None:
 
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     from diffmis import __version__
     from diffmis.cli import commands
 
@@ -36,10 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"diffmis {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for name, (help_text, add_args, fn) in commands.VERBS.items():
+    chosen = argv[0] if argv else None
+    for name, (help_text, _issue) in commands.VERB_LIST.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_args(p)
-        p.set_defaults(func=fn)
+        if name == chosen:  # import only the verb that runs: --help stays fast
+            add_args, fn = commands.load_verb(name)
+            add_args(p)
+            p.set_defaults(func=fn)
     return parser
 
 
@@ -47,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in {"train", "quickstart", "predict", "benchmark"}:
         _maybe_reexec_with_malloc_tuning(argv)
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "verb", None):
         parser.print_help()
