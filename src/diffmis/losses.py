@@ -1,0 +1,48 @@
+"""Loss terms shared by the recipes (the weighting happens in one place per recipe, in ``diffusion.py``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["probabilities", "soft_dice_loss", "segmentation_loss_terms"]
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Logits (B, K, H, W) -> probabilities in [0, 1]: sigmoid for K = 1, softmax over channels for K > 1.
+
+    A softmax over a single channel is identically 1 (the HiDiff K = 1 bug, METHODS 5.2), hence the sigmoid.
+    """
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - soft Dice, averaged over batch and channels.
+
+    Args:
+        probs: (B, K, H, W) in [0, 1].
+        target: (B, K, H, W) one-hot in {0, 1}.
+    Returns:
+        scalar in [0, 1].
+    """
+    dims = tuple(range(2, probs.ndim))
+    inter = (probs * target).sum(dims)
+    denom = probs.sum(dims) + target.sum(dims)
+    return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
+
+
+def segmentation_loss_terms(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Dice and cross-entropy terms of a discriminative segmentor.
+
+    Args:
+        logits: (B, K, H, W) raw scores.
+        target: (B, K, H, W) one-hot in {0, 1}; for K = 1 the foreground channel.
+    Returns:
+        {"dice": soft Dice loss, "ce": BCE (K = 1) or categorical CE (K > 1)}, both scalars >= 0.
+    """
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        ce = F.binary_cross_entropy_with_logits(logits, target)
+    else:
+        ce = F.cross_entropy(logits, target.argmax(dim=1))
+    return {"dice": soft_dice_loss(probabilities(logits), target), "ce": ce}
