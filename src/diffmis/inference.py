@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from diffmis.config import Config, load_config
 from diffmis.data import normalize_image, read_image
-from diffmis.diffusion import GaussianMethod, SegmentationMethod, build
+from diffmis.diffusion import GaussianMethod, SegmentationMethod, SegmentorMethod, build
 from diffmis.ensemble import EnsembleResult, ensemble_predict
 from diffmis.errors import CheckpointError, InputError
 from diffmis.training.checkpoint import load_checkpoint, read_state
@@ -92,8 +92,11 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run: Union[str, Path], *, checkpoint: Literal["best", "last"] = "best",
-                 use_ema: bool = True, device: Optional[Union[str, torch.device]] = None, **kwargs: Any) -> "Predictor":
+                 use_ema: bool = True, device: Optional[Union[str, torch.device]] = None, prior_only: bool = False,
+                 **kwargs: Any) -> "Predictor":
         """Load a run folder (config and weights come from the run; ``best`` falls back to ``last``).
+
+        ``prior_only=True`` predicts with the run's segmentor alone (HiDiff's prior, PD-DDPM's pre-segmentation).
 
         Raises:
             CheckpointError: the folder is missing, incomplete, or its weights do not fit its config.
@@ -115,6 +118,11 @@ class Predictor:
         ema_mod = method.ema_module()
         if use_ema and ema_mod is not None and "ema_shadow" in state:
             ema_mod.load_state_dict(state["ema_shadow"], strict=False)
+        if prior_only:
+            seg = getattr(method, "segmentor", None) or getattr(method, "prior", None)
+            if seg is None:
+                raise CheckpointError(f"{run} ({cfg.experiment.recipe}) has no segmentor to predict with alone")
+            method = SegmentorMethod(seg, cfg.data.num_classes, {})
         method.to(dev)
         return cls(method, cfg, device=dev, **kwargs)
 
