@@ -1,0 +1,6 @@
+"""Noise math (layer 2): Gaussian DDPM/DDIM on masks and Bernoulli diffusion with a prior. Never sees pixels' meaning."""
+
+from diffmis.schedulers.bernoulli import BernoulliScheduler, bernoulli_kl, bernoulli_posterior
+from diffmis.schedulers.gaussian import GaussianScheduler, RespacedDDPM
+
+__all__ = ["GaussianScheduler", "RespacedDDPM", "BernoulliScheduler", "bernoulli_posterior", "bernoulli_kl"]

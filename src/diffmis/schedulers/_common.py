@@ -1,0 +1,84 @@
+"""Helpers shared by the Gaussian and Bernoulli schedulers: timestep gathering and respaced sampling chains."""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+
+from diffmis.errors import ConfigError
+
+Timestep = Union[int, torch.Tensor]
+
+
+def linear_betas(timesteps: int) -> torch.Tensor:
+    """(T,) float64 ``linspace(s*1e-4, s*0.02, T)`` with ``s = 1000 / T`` (METHODS 1.2; may exceed 1 for T < 20)."""
+    s = 1000.0 / timesteps
+    return torch.linspace(s * 1e-4, s * 0.02, timesteps, dtype=torch.float64)
+
+
+def cosine_betas(timesteps: int, power: int = 2) -> torch.Tensor:
+    """(T,) float64 cosine betas: ``f(u) = cos(((u + 0.008) / 1.008) pi / 2) ** power``,
+    ``beta_t = min(1 - f((t+1)/T) / f(t/T), 0.999)``. ``power=2``: Nichol & Dhariwal; ``power=1``: HiDiff's
+    unsquared ``cosine`` (METHODS 5.3.5).
+
+    Written here rather than taken from MONAI's ``NoiseSchedules["cosine"]``, which evaluates it in float32:
+    ``1 - f(t+1)/f(t)`` then loses about three significant digits of the small early betas (4.1246e-5 instead of
+    4.1284e-5 for T = 1000).
+    """
+    u = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** power
+    return (1.0 - f[1:] / f[:-1]).clamp(max=0.999)
+
+
+def table_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype in which schedule coefficients are applied to ``x``: at least float32 (bf16/fp16 inputs get float32)."""
+    return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+
+
+def gather(table: torch.Tensor, t: Timestep, like: torch.Tensor) -> Union[float, torch.Tensor]:
+    """Look up ``table[t]`` shaped to broadcast against ``like``.
+
+    Args:
+        table: (T,) schedule values, already on ``like``'s device.
+        t: python int (one step for the whole batch, returned as a float: no device work), 0-dim tensor, or
+            (B,) int64 per-sample timesteps (returned as (B, 1, ..., 1) with ``like.ndim`` dimensions).
+        like: the tensor the coefficient multiplies, (B, ...).
+    """
+    if isinstance(t, int):
+        return float(table[t])
+    t = t.to(device=table.device, dtype=torch.long)
+    v = table[t]
+    if v.ndim == 0:
+        return v
+    return v.reshape(v.shape[0], *([1] * (like.ndim - 1)))
+
+
+def respaced_timesteps(num_indices: int, steps: int) -> list[int]:
+    """Evenly spaced timestep indices in ``[0, num_indices)`` for a reverse chain, in the order they are visited.
+
+    Both ends are included: the chain starts at ``num_indices - 1`` and ends at ``0`` (improved-diffusion's
+    respacing of one section). Spacing is ``(num_indices - 1) / (steps - 1) >= 1``, so rounding keeps the indices
+    distinct; ``steps == num_indices`` gives every index.
+
+    Args:
+        num_indices: size of the sub-range (``T`` for a full chain, ``T'`` for a PD-DDPM start), >= 1.
+        steps: number of reverse steps (network evaluations), ``1 <= steps <= num_indices``.
+
+    Returns:
+        Descending list of ``steps`` int indices, first ``num_indices - 1``, last ``0``.
+
+    Raises:
+        ConfigError: ``steps`` is not in ``[1, num_indices]``.
+    """
+    if num_indices < 1:
+        raise ConfigError(f"the reverse chain needs at least one timestep, got a range of {num_indices}")
+    if not 1 <= steps <= num_indices:
+        raise ConfigError(
+            f"sample.steps={steps} must be between 1 and the number of timesteps it spaces ({num_indices})"
+        )
+    if steps == 1:
+        return [num_indices - 1]
+    stride = (num_indices - 1) / (steps - 1)
+    return [int(round(i * stride)) for i in range(steps - 1, -1, -1)]
