@@ -1,0 +1,15 @@
+"""Pixel-side networks (layer 3): segmentors and diffusion denoisers, all registered by name.
+
+Importing this package registers every denoiser in :data:`diffmis.registry.MODELS` ("conditional_unet",
+"medsegdiff", "medsegdiff_v2", "bbdm") and every segmentor in :data:`diffmis.registry.SEGMENTORS` ("unet",
+"attention_unet", "segresnet"). Models never see noise schedules: timesteps enter only through embeddings.
+"""
+
+from diffmis.models.conditional_unet import ConditionalUNet
+from diffmis.models.hidiff import BBDMDenoiser
+from diffmis.models.medsegdiff import MedSegDiff
+from diffmis.models.medsegdiff_v2 import MedSegDiffV2, anchor_loss
+from diffmis.models.segmentors import Segmentor, SegmentorOutput
+
+__all__ = ["ConditionalUNet", "MedSegDiff", "MedSegDiffV2", "anchor_loss", "BBDMDenoiser", "Segmentor",
+           "SegmentorOutput"]

@@ -1,0 +1,473 @@
+"""Building blocks shared by the denoisers: time embedding, ResBlock, attention, resampling, spectral filters.
+
+Every block here works on ``(B, C, H, W)`` feature maps of any spatial size (the spectral filters are sized from
+the runtime feature shape), is channels-last friendly (convolutions, GroupNorm, interpolation and FFTs only; no
+per-pixel Python) and never sees a noise schedule: a timestep enters only through its embedding.
+
+Contents
+    1. Shape checks and small helpers
+    2. Timestep embedding (sinusoidal + MLP)
+    3. ResBlock with time FiLM, self-attention, down/upsampling
+    4. Guided-diffusion style UNet encoder/decoder levels (shared by the conditional UNet and MedSegDiff)
+    5. Spectral maps on the rfft2 grid: frequency-aware resampling, FF-Parser
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffmis.errors import InputError
+
+__all__ = [
+    "check_spatial_size",
+    "resize_to",
+    "group_norm",
+    "LayerNorm2d",
+    "timestep_embedding",
+    "TimeEmbedding",
+    "ResBlock",
+    "SelfAttention2d",
+    "Downsample",
+    "Upsample",
+    "ResAttnBlock",
+    "EncoderLevel",
+    "DecoderLevel",
+    "MiddleBlock",
+    "OutputHead",
+    "build_encoder",
+    "build_decoder",
+    "resample_rfft_map",
+    "FFParser",
+]
+
+
+# ======================================================================================================
+# 1. Shape checks and small helpers
+# ======================================================================================================
+
+
+def check_spatial_size(x: Tensor, multiple: int, who: str) -> None:
+    """Raise :class:`InputError` unless the spatial size of ``x`` is divisible by ``multiple``.
+
+    Args:
+        x: ``(B, C, H, W)`` input of a network with ``log2(multiple)`` stride-2 downsamplings.
+        multiple: required divisor of H and W (``2 ** downsamplings``).
+        who: name of the network, used in the message.
+    """
+    h, w = x.shape[-2:]
+    if h % multiple or w % multiple:
+        raise InputError(
+            f"{who}: input size {h}x{w} is not divisible by {multiple} (the network downsamples "
+            f"{int(math.log2(multiple))} times); resize or pad the image to a multiple of {multiple}"
+        )
+
+
+def resize_to(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinearly resize ``x: (B, C, h, w)`` to ``size = (H, W)``; returns ``x`` itself when sizes already match."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with the largest group count ``<= max_groups`` that divides ``channels`` (works for tiny widths)."""
+    groups = max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+class LayerNorm2d(nn.GroupNorm):
+    """Layer norm over ``(C, H, W)`` of each sample with a per-channel affine map (= ``GroupNorm(1, C)``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(1, channels)
+
+
+# ======================================================================================================
+# 2. Timestep embedding
+# ======================================================================================================
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. positional encoding, as in DDPM).
+
+    ``emb[:, i] = cos(t * w_i)``, ``emb[:, half + i] = sin(t * w_i)`` with ``w_i = max_period^(-i / half)``.
+
+    Args:
+        t: ``(B,)`` int64 (or float) timesteps, 0-indexed.
+        dim: embedding width; an odd width is zero-padded by one column.
+        max_period: the slowest wavelength.
+
+    Returns:
+        ``(B, dim)`` float32 in ``[-1, 1]``.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal timestep features followed by a two-layer SiLU MLP.
+
+    Args:
+        base_dim: width of the sinusoidal features.
+        dim: output width (the ``time_dim`` every time-conditioned block takes).
+    """
+
+    def __init__(self, base_dim: int, dim: int) -> None:
+        super().__init__()
+        self.base_dim = base_dim
+        self.mlp = nn.Sequential(nn.Linear(base_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        """``t: (B,)`` int64 -> ``(B, dim)``."""
+        return self.mlp(timestep_embedding(t, self.base_dim))
+
+
+# ======================================================================================================
+# 3. ResBlock, self-attention, down/upsampling
+# ======================================================================================================
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block with a FiLM time conditioning (GroupNorm -> SiLU -> conv, twice).
+
+    ``h = conv1(SiLU(GN(x)))``; ``h = GN(h) * (1 + s) + b`` with ``(s, b) = Linear(SiLU(emb))`` (scale-shift norm);
+    ``out = skip(x) + conv2(Dropout(SiLU(h)))``.
+
+    Args:
+        in_channels: channels of ``x``.
+        out_channels: channels of the output.
+        time_dim: width of the time embedding ``emb``.
+        dropout: dropout probability before the second convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.film = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 2 * out_channels))
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """``x: (B, C_in, H, W)``, ``emb: (B, time_dim)`` -> ``(B, C_out, H, W)``."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention2d(nn.Module):
+    """Multi-head self-attention over the ``H*W`` positions of a feature map, with a residual connection.
+
+    Args:
+        channels: feature channels ``C``.
+        head_channels: channels per head; ``heads = max(1, C // head_channels)``.
+    """
+
+    def __init__(self, channels: int, head_channels: int = 64) -> None:
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        if channels % self.heads:
+            raise ValueError(f"channels={channels} is not divisible by heads={self.heads}")
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: (B, C, H, W)`` -> ``(B, C, H, W)``."""
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # each (B, heads, HW, C/heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution: ``(B, C_in, H, W) -> (B, C_out, H/2, W/2)``."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 upsampling followed by a 3x3 convolution: ``(B, C, H, W) -> (B, C, 2H, 2W)``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+# ======================================================================================================
+# 4. UNet encoder/decoder levels (guided-diffusion layout: a skip after every block and every downsample)
+# ======================================================================================================
+
+
+class ResAttnBlock(nn.Module):
+    """A :class:`ResBlock`, optionally followed by :class:`SelfAttention2d`."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, time_dim: int, *, attention: bool, head_channels: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.res = ResBlock(in_channels, out_channels, time_dim, dropout)
+        self.attn = SelfAttention2d(out_channels, head_channels) if attention else None
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.res(x, emb)
+        return self.attn(h) if self.attn is not None else h
+
+
+class EncoderLevel(nn.Module):
+    """``num_res_blocks`` blocks at one resolution, then an optional stride-2 downsample.
+
+    The caller runs :meth:`forward` (the block outputs, each a UNet skip), may modulate the last output (DCE,
+    FF-Parser, U-SA act there), and then applies :attr:`down` (whose output is a skip too).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        next_channels: int,
+        time_dim: int,
+        *,
+        num_res_blocks: int,
+        attention: bool,
+        head_channels: int,
+        dropout: float,
+        downsample: bool,
+    ) -> None:
+        super().__init__()
+        chans = [in_channels] + [out_channels] * num_res_blocks
+        self.blocks = nn.ModuleList(
+            ResAttnBlock(a, b, time_dim, attention=attention, head_channels=head_channels, dropout=dropout)
+            for a, b in zip(chans[:-1], chans[1:])
+        )
+        self.down = Downsample(out_channels, next_channels) if downsample else None
+
+    def forward(self, h: Tensor, emb: Tensor) -> list[Tensor]:
+        """``h: (B, C_in, H, W)`` -> the ``num_res_blocks`` block outputs, each ``(B, C_out, H, W)``."""
+        outs = []
+        for block in self.blocks:
+            h = block(h, emb)
+            outs.append(h)
+        return outs
+
+
+class DecoderLevel(nn.Module):
+    """``num_res_blocks + 1`` blocks that each concatenate one encoder skip, then an optional x2 upsample."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        skip_channels: Sequence[int],
+        out_channels: int,
+        time_dim: int,
+        *,
+        attention: bool,
+        head_channels: int,
+        dropout: float,
+        upsample: bool,
+    ) -> None:
+        super().__init__()
+        blocks = []
+        ch = in_channels
+        for skip in skip_channels:
+            blocks.append(
+                ResAttnBlock(ch + skip, out_channels, time_dim, attention=attention, head_channels=head_channels,
+                             dropout=dropout)
+            )
+            ch = out_channels
+        self.blocks = nn.ModuleList(blocks)
+        self.up = Upsample(out_channels) if upsample else None
+
+    def forward(self, h: Tensor, skips: list[Tensor], emb: Tensor) -> Tensor:
+        """Consume skips from the end of ``skips`` (popped in place); returns the level output."""
+        for block in self.blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.up(h) if self.up is not None else h
+
+
+class MiddleBlock(nn.Module):
+    """Bottleneck: ResBlock -> self-attention -> ResBlock at constant width."""
+
+    def __init__(self, channels: int, time_dim: int, *, head_channels: int, dropout: float) -> None:
+        super().__init__()
+        self.res1 = ResBlock(channels, channels, time_dim, dropout)
+        self.attn = SelfAttention2d(channels, head_channels)
+        self.res2 = ResBlock(channels, channels, time_dim, dropout)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        return self.res2(self.attn(self.res1(h, emb)), emb)
+
+
+class OutputHead(nn.Module):
+    """GroupNorm -> SiLU -> zero-initialised 3x3 conv, so that a fresh denoiser predicts exactly 0."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm = group_norm(in_channels)
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.conv(F.silu(self.norm(h)))
+
+
+def build_encoder(
+    width: int,
+    channel_mult: Sequence[int],
+    time_dim: int,
+    *,
+    num_res_blocks: int,
+    attention_levels: Sequence[int],
+    head_channels: int,
+    dropout: float,
+) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder levels of a UNet whose stem outputs ``width`` channels.
+
+    Level ``i`` works at resolution ``H / 2^i`` with ``width * channel_mult[i]`` channels; all levels but the
+    last end with a downsample.
+
+    Returns:
+        ``(levels, skip_channels)``: the levels and the channel count of every skip in push order, starting
+        with the stem output.
+    """
+    chans = [width * m for m in channel_mult]
+    levels = nn.ModuleList()
+    skips = [width]
+    ch = width
+    for i, out in enumerate(chans):
+        last = i == len(chans) - 1
+        levels.append(
+            EncoderLevel(ch, out, out if last else chans[i + 1], time_dim, num_res_blocks=num_res_blocks,
+                         attention=i in attention_levels, head_channels=head_channels, dropout=dropout,
+                         downsample=not last)
+        )
+        skips += [out] * num_res_blocks
+        ch = out
+        if not last:
+            skips.append(chans[i + 1])
+            ch = chans[i + 1]
+    return levels, skips
+
+
+def build_decoder(
+    width: int,
+    channel_mult: Sequence[int],
+    time_dim: int,
+    skip_channels: Sequence[int],
+    *,
+    num_res_blocks: int,
+    attention_levels: Sequence[int],
+    head_channels: int,
+    dropout: float,
+) -> nn.ModuleList:
+    """The decoder levels matching :func:`build_encoder` (deepest first), consuming ``skip_channels`` in reverse."""
+    chans = [width * m for m in channel_mult]
+    skips = list(skip_channels)
+    levels = nn.ModuleList()
+    ch = chans[-1]
+    for i in reversed(range(len(chans))):
+        mine = [skips.pop() for _ in range(num_res_blocks + 1)]
+        levels.append(
+            DecoderLevel(ch, mine, chans[i], time_dim, attention=i in attention_levels, head_channels=head_channels,
+                         dropout=dropout, upsample=i > 0)
+        )
+        ch = chans[i]
+    return levels
+
+
+# ======================================================================================================
+# 5. Spectral maps on the rfft2 grid
+# ======================================================================================================
+
+
+def resample_rfft_map(m: Tensor, base_size: Sequence[int], size: Sequence[int]) -> Tensor:
+    """Resample a map defined on the rfft2 bins of a ``base_size`` grid to the bins of a ``size`` grid.
+
+    Each target bin takes the (bilinearly interpolated) value the map has at the same physical frequency
+    ``(f_y, f_x)`` in cycles per pixel, so a filter keeps its meaning (low-pass stays low-pass) at any image
+    size; frequencies beyond the base grid take the border value. A constant map stays exactly constant.
+
+    Args:
+        m: ``(P, H0, W0 // 2 + 1)`` values in the natural (un-shifted) rfft2 layout of an ``H0 x W0`` grid.
+        base_size: ``(H0, W0)``.
+        size: runtime ``(H, W)``.
+
+    Returns:
+        ``(P, H, W // 2 + 1)`` in the natural rfft2 layout of an ``H x W`` grid (``m`` itself when sizes match).
+    """
+    h0, w0 = base_size
+    h, w = size
+    if (h0, w0) == (h, w):
+        return m
+    dev = m.device
+
+    def to_grid(f: Tensor, f0: Tensor) -> Tensor:  # frequency -> grid_sample coordinate in [-1, 1]
+        span = f0[-1] - f0[0]
+        return 2 * (f - f0[0]) / span - 1 if span > 0 else torch.zeros_like(f)
+
+    fy0 = torch.fft.fftshift(torch.fft.fftfreq(h0, device=dev))  # ascending, matches the shifted map below
+    fx0 = torch.fft.rfftfreq(w0, device=dev)
+    gy = to_grid(torch.fft.fftfreq(h, device=dev), fy0)  # natural layout of the target
+    gx = to_grid(torch.fft.rfftfreq(w, device=dev), fx0)
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]  # (1, H, W//2+1, 2) as (x, y)
+    src = torch.fft.fftshift(m, dim=1)[None].float()
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out[0].to(m.dtype)
+
+
+class FFParser(nn.Module):
+    """FF-Parser (MedSegDiff, METHODS 2.1): a learnable per-channel complex filter in the Fourier domain.
+
+    ``M = rfft2(m)`` (orthonormal), ``M' = A ⊙ M``, ``m' = irfft2(M')``. ``A`` is stored as real and imaginary
+    parts on the rfft2 grid of ``base_size`` and resampled by physical frequency to the runtime spectrum
+    ``(H, W // 2 + 1)`` (:func:`resample_rfft_map`), so any feature size works. ``A`` is initialised to
+    ``1 + 0j``: the filter starts as the identity (unlike the official code's near-zero start, METHODS 2.2).
+
+    Args:
+        channels: feature channels ``C``.
+        base_size: ``(H0, W0)`` grid on which ``A`` is stored (the feature size at the nominal image size).
+    """
+
+    def __init__(self, channels: int, base_size: Sequence[int]) -> None:
+        super().__init__()
+        self.base_size = (int(base_size[0]), int(base_size[1]))
+        h0, w0 = self.base_size
+        weight = torch.zeros(2, channels, h0, w0 // 2 + 1)
+        weight[0] = 1.0  # A = 1 + 0j: identity filter
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: (B, C, H, W)`` real -> filtered ``(B, C, H, W)`` in the dtype of ``x`` (FFTs run in float32)."""
+        b, c, h, w = x.shape
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            spec = torch.fft.rfft2(x.float(), norm="ortho")  # M = FFT2(m_x)
+            a = resample_rfft_map(self.weight.float().reshape(2 * c, *self.weight.shape[2:]), self.base_size, (h, w))
+            a = a.reshape(2, c, h, w // 2 + 1)
+            spec = spec * torch.complex(a[0], a[1])  # M' = A ⊙ M
+            out = torch.fft.irfft2(spec, s=(h, w), norm="ortho")  # m_x' = IFFT2(M')
+        return out.to(x.dtype)
