@@ -1,4 +1,4 @@
-"""Noise math (layer 2): Gaussian DDPM/DDIM on masks and Bernoulli diffusion with a prior. Never sees pixels' meaning."""
+"""Noise math (layer 2): Gaussian DDPM/DDIM on masks and Bernoulli diffusion with a prior; no pixel semantics."""
 
 from diffmis.schedulers.bernoulli import BernoulliScheduler, bernoulli_kl, bernoulli_posterior
 from diffmis.schedulers.gaussian import GaussianScheduler, RespacedDDPM

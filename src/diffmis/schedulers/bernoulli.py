@@ -55,7 +55,9 @@ def bernoulli_posterior(
     """
     noise = y_t * p + (1.0 - y_t) * (1.0 - p)
     theta1 = (alpha_t * y_t + (1.0 - alpha_t) * noise) * (abar_prev * y0 + (1.0 - abar_prev) * p)
-    theta0 = (alpha_t * (1.0 - y_t) + (1.0 - alpha_t) * noise) * (abar_prev * (1.0 - y0) + (1.0 - abar_prev) * (1.0 - p))
+    theta0 = (alpha_t * (1.0 - y_t) + (1.0 - alpha_t) * noise) * (
+        abar_prev * (1.0 - y0) + (1.0 - abar_prev) * (1.0 - p)
+    )
     return (theta1 / (theta0 + theta1).clamp_min(1e-12)).clamp(0.0, 1.0)
 
 
@@ -77,6 +79,7 @@ class BernoulliScheduler:
             ``"cosine2"``: the standard squared cosine (Nichol & Dhariwal); ``"alpha_bar_linear"``:
             ``beta_t = 1 / (T - t)`` (abar = 1 - (t+1)/T); ``"linear"``: ``linspace(s*1e-4, s*0.02, T)``,
             ``s = 1000/T``, invalid (betas > 1) for ``T < 20``, e.g. the released HiDiff default T = 10.
+        focal_gamma: default focal exponent of :meth:`loss` (``diffusion.focal_gamma``), >= 0.
 
     Attributes:
         betas, alphas, alphas_cumprod: (T,) float64.
@@ -89,18 +92,25 @@ class BernoulliScheduler:
         self,
         timesteps: int = 10,
         schedule: Literal["cosine", "cosine2", "alpha_bar_linear", "linear"] = "cosine",
+        focal_gamma: float = 2.0,
     ) -> None:
         if int(timesteps) < 1:
             raise ConfigError(f"diffusion.timesteps must be >= 1, got {timesteps}")
+        if focal_gamma < 0:
+            raise ConfigError(f"diffusion.focal_gamma must be >= 0, got {focal_gamma}")
         self.timesteps = int(timesteps)
         self.schedule = schedule
+        self.focal_gamma = float(focal_gamma)
         self.betas = _bernoulli_betas(schedule, self.timesteps)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self._cache: dict[torch.device, torch.Tensor] = {}
 
     def __repr__(self) -> str:
-        return f"BernoulliScheduler(timesteps={self.timesteps}, schedule={self.schedule!r})"
+        return (
+            f"BernoulliScheduler(timesteps={self.timesteps}, schedule={self.schedule!r}, "
+            f"focal_gamma={self.focal_gamma})"
+        )
 
     def _abar(self, t: Timestep, like: torch.Tensor):
         if like.device not in self._cache:
@@ -131,8 +141,8 @@ class BernoulliScheduler:
     def q_sample(
         self, y0: torch.Tensor, p: Prior, t: Timestep, generator: Optional[torch.Generator] = None
     ) -> torch.Tensor:
-        """Draw ``y_t ~ q(y_t | y_0, p)``: (B, K, H, W) float in {0, 1}."""
-        return torch.bernoulli(self.q_probs(y0, p, t).clamp(0.0, 1.0), generator=generator)
+        """Draw ``y_t ~ q(y_t | y_0, p)``: (B, K, H, W) float in {0, 1}, outside the autograd graph."""
+        return torch.bernoulli(self.q_probs(y0, p, t).detach().clamp(0.0, 1.0), generator=generator)
 
     def posterior_probs(
         self, y_t: torch.Tensor, y0: torch.Tensor, p: Prior, t: Timestep, t_prev: Optional[Timestep] = None
@@ -203,7 +213,7 @@ class BernoulliScheduler:
         p: Prior,
         t: Timestep,
         *,
-        gamma: float = 2.0,
+        gamma: Optional[float] = None,
         reduction: Literal["mean", "none"] = "mean",
     ) -> dict[str, torch.Tensor]:
         """BBDM loss terms from one network pass (METHODS 5.3.4); the caller weights them (``kl + lambda focal``).
@@ -220,12 +230,13 @@ class BernoulliScheduler:
             y0: (B, K, H, W) in {0, 1}. y_t: (B, K, H, W) in {0, 1}, a draw of :meth:`q_sample` ``(y0, p, t)``.
             p: prior (B, K, H, W) in [0, 1] or a float; for K = 1 a sigmoid probability (see module docstring).
             t: (B,) int64 or int.
-            gamma: focal exponent (``diffusion.focal_gamma``), >= 0.
+            gamma: focal exponent, >= 0; default the constructor's ``focal_gamma`` (2).
             reduction: ``"mean"``: scalars (mean over batch and pixels); ``"none"``: (B,) per-sample pixel means.
 
         Returns:
             ``{"kl": ..., "focal": ...}``, finite, differentiable w.r.t. ``flip_logits``.
         """
+        gamma = self.focal_gamma if gamma is None else float(gamma)
         logits = flip_logits.float()
         y0 = y0.float()
         y_t = y_t.float()

@@ -264,15 +264,15 @@ class GaussianScheduler:
         return x_prev, x0
 
     def ddpm(self, chain: Sequence[int]) -> "RespacedDDPM":
-        """Ancestral sampler over the (possibly respaced) chain ``chain`` of distinct indices; its last step ends at x0."""
+        """Ancestral sampler over the (possibly respaced) chain of distinct indices; its last step ends at x0."""
         return RespacedDDPM(self, chain)
 
 
 class RespacedDDPM:
     """Ancestral DDPM steps over a respaced chain, delegated to MONAI's ``DDPMScheduler.step``.
 
-    The chain ``t_{n-1} > ... > t_0`` (normally ``t_0 = 0``) defines a shorter Markov chain with ``abar'_i = abar[t_i]`` and
-    ``beta'_i = 1 - abar'_i / abar'_{i-1}`` (improved-diffusion respacing); its posterior
+    The chain ``t_{n-1} > ... > t_0`` (normally ``t_0 = 0``) defines a shorter Markov chain with
+    ``abar'_i = abar[t_i]`` and ``beta'_i = 1 - abar'_i / abar'_{i-1}`` (improved-diffusion respacing); its posterior
     ``q(x_{t_{i-1}} | x_{t_i}, x0)`` (METHODS 1.2 with the primed betas, ``fixed_small`` variance ``beta~``) is
     what MONAI computes when stepped at position ``i``. ``x0_hat`` is clamped to the scheduler's mask range.
     """
