@@ -93,6 +93,8 @@ class DataConfig(_Section):
     normalize: Literal["minmax", "zscore", "ct_window", "none"] = "minmax"
     ct_window: Size2 = (-160, 240)
     slice_axis: int = Field(2, ge=0, le=2)
+    # held-out fraction of the training ids used as validation when the val split file is missing (0: error)
+    val_fraction: float = Field(0.0, ge=0, lt=1)
     augment: AugmentConfig = AugmentConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
     num_workers: int = Field(0, ge=0)
