@@ -37,17 +37,17 @@ def table_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
 
 
-def gather(table: torch.Tensor, t: Timestep, like: torch.Tensor) -> Union[float, torch.Tensor]:
+def gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Look up ``table[t]`` shaped to broadcast against ``like``.
+
+    Python-int timesteps never come here: the schedulers read those from their float64 CPU tables as python
+    floats, so that a sampling loop on an accelerator does no device-to-host read.
 
     Args:
         table: (T,) schedule values, already on ``like``'s device.
-        t: python int (one step for the whole batch, returned as a float: no device work), 0-dim tensor, or
-            (B,) int64 per-sample timesteps (returned as (B, 1, ..., 1) with ``like.ndim`` dimensions).
+        t: 0-dim tensor, or (B,) int64 per-sample timesteps (returned as (B, 1, ..., 1), ``like.ndim`` dims).
         like: the tensor the coefficient multiplies, (B, ...).
     """
-    if isinstance(t, int):
-        return float(table[t])
     t = t.to(device=table.device, dtype=torch.long)
     v = table[t]
     if v.ndim == 0:

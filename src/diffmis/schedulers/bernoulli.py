@@ -113,6 +113,9 @@ class BernoulliScheduler:
         )
 
     def _abar(self, t: Timestep, like: torch.Tensor):
+        """``abar_t``: a python float for an int ``t`` (no device work), else a tensor broadcast to ``like``."""
+        if isinstance(t, int):
+            return float(self.alphas_cumprod[t])
         if like.device not in self._cache:
             self._cache[like.device] = self.alphas_cumprod.to(device=like.device, dtype=torch.float32)
         return gather(self._cache[like.device], t, like)

@@ -117,6 +117,10 @@ class GaussianScheduler:
         return self._cache[key]
 
     def _coefs(self, t: Timestep, like: torch.Tensor):
+        """(sqrt(abar_t), sqrt(1 - abar_t)): python floats for an int ``t`` (no device work), else tensors."""
+        if isinstance(t, int):
+            abar = float(self.alphas_cumprod[t])
+            return abar**0.5, (1.0 - abar) ** 0.5
         tab = self._tables(like)
         return gather(tab["sqrt_abar"], t, like), gather(tab["sqrt_1m_abar"], t, like)
 
