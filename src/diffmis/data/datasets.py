@@ -100,16 +100,20 @@ class _FolderSource(_Source):
             image = np.repeat(image, 3, axis=0)  # grey image in a colour dataset
         if image.shape[0] != self.in_channels:
             raise DataError(f"{files[0]}: image has {image.shape[0]} channel(s); data.in_channels={self.in_channels}")
-        mask = load_mask_array(self.masks[i], self.size)
-        labels = self.spec.to_classes(mask, self.masks[i])
+        # values are checked at native size (a resize could drop a stray value), then resized
+        labels = self.spec.to_classes(load_mask_array(self.masks[i]), self.masks[i])
         fov = None
         if self.fovs[i] is not None:
-            fov = _BINARY.to_classes(load_mask_array(self.fovs[i], self.size), self.fovs[i])
+            fov = _BINARY.to_classes(load_mask_array(self.fovs[i]), self.fovs[i])
+        out = []
         for arr, path in ((labels, self.masks[i]), (fov, self.fovs[i])):
-            if arr is not None and arr.shape != image.shape[1:]:
+            if arr is not None and self.size is not None:
+                arr = resize_labels(arr, self.size)
+            elif arr is not None and arr.shape != image.shape[1:]:
                 raise DataError(f"{path}: size {arr.shape[0]}x{arr.shape[1]} (HxW) differs from its image "
                                 f"{files[0].name} {image.shape[1]}x{image.shape[2]}")
-        return image, labels, fov
+            out.append(arr)
+        return image, out[0], out[1]
 
 
 class _VolumeSource(_Source):
