@@ -148,3 +148,23 @@ def test_cli_exit_codes(clean: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     for file, _ in expected.values():
         assert file in out
     assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
+
+
+def test_field_of_view_masks_pair_by_stem_or_mask_suffix(clean: Path) -> None:
+    fov = clean / "fov"
+    fov.mkdir()
+    disc = np.zeros((32, 32), np.uint8)
+    disc[4:28, 4:28] = 255
+    for i in range(12):  # original DRIVE naming for half of them: <id>_mask
+        Image.fromarray(disc).save(fov / (f"synth_{i:04d}_mask.png" if i % 2 else f"synth_{i:04d}.png"))
+    assert check_dataset(clean).ok
+    item = build_dataset(DataConfig(kind="folder", root=str(clean), image_size=None), "val", train=False)[1]
+    assert item["fov"].shape == (1, 32, 32) and item["fov"].sum() == 24 * 24
+    bad = disc.copy()
+    bad[0, 0] = 3
+    Image.fromarray(bad).save(fov / "synth_0009_mask.png")
+    (fov / "synth_0010.png").unlink()
+    report = check_dataset(clean)
+    assert len(report.problems) == 2, report.summary()
+    assert _matches(report.problems, str(fov / "synth_0009_mask.png"), "not binary")
+    assert _matches(report.problems, str(clean / "images" / "synth_0010.png"), "no field-of-view mask")

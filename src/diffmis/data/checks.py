@@ -36,7 +36,7 @@ from diffmis.data.io import (
     read_volume,
     volume_shape,
 )
-from diffmis.data.labels import LabelSpec
+from diffmis.data.labels import LabelSpec, fov_problem
 from diffmis.data.layouts import (
     FolderIndex,
     NnunetIndex,
@@ -56,7 +56,6 @@ R = TypeVar("R")
 
 #: Problems listed in a DataError message before it says how many more there are.
 MAX_LISTED = 50
-_BINARY = LabelSpec(1)
 
 
 @dataclass
@@ -190,9 +189,9 @@ def _check_2d_pair(image: Path, mask: Optional[Path], fov: Optional[Path], spec:
                 m = load_mask_array(path)
                 msize: tuple[int, ...] = m.shape
                 vals = _distinct(m)
-                msg = (spec if what == "mask" else _BINARY).problem(sorted(vals))
+                msg = spec.problem(sorted(vals)) if what == "mask" else fov_problem(vals)
                 if msg:
-                    item.problems.append((str(path), msg if what == "mask" else msg.replace("mask", "FOV", 1)))
+                    item.problems.append((str(path), msg))
                 if what == "mask":
                     item.values, item.empty = vals, vals <= {0}
             else:

@@ -41,7 +41,7 @@ from diffmis.errors import ConfigError, DataError
 
 from diffmis.data.checks import MAX_LISTED, check_index, nnunet_label_spec, parallel_map
 from diffmis.data.io import load_image_array, load_mask_array, read_volume, volume_shape
-from diffmis.data.labels import LabelSpec
+from diffmis.data.labels import LabelSpec, fov_problem
 from diffmis.data.layouts import (
     FolderIndex,
     NnunetIndex,
@@ -64,7 +64,6 @@ Size = Optional[tuple[int, int]]
 
 #: Image size of synthetic data when ``data.image_size`` is None.
 SYNTHETIC_DEFAULT_SIZE = (64, 64)
-_BINARY = LabelSpec(1)
 
 
 class _Source:
@@ -101,19 +100,24 @@ class _FolderSource(_Source):
         if image.shape[0] != self.in_channels:
             raise DataError(f"{files[0]}: image has {image.shape[0]} channel(s); data.in_channels={self.in_channels}")
         # values are checked at native size (a resize could drop a stray value), then resized
-        labels = self.spec.to_classes(load_mask_array(self.masks[i]), self.masks[i])
-        fov = None
-        if self.fovs[i] is not None:
-            fov = _BINARY.to_classes(load_mask_array(self.fovs[i]), self.fovs[i])
-        out = []
-        for arr, path in ((labels, self.masks[i]), (fov, self.fovs[i])):
-            if arr is not None and self.size is not None:
-                arr = resize_labels(arr, self.size)
-            elif arr is not None and arr.shape != image.shape[1:]:
-                raise DataError(f"{path}: size {arr.shape[0]}x{arr.shape[1]} (HxW) differs from its image "
-                                f"{files[0].name} {image.shape[1]}x{image.shape[2]}")
-            out.append(arr)
-        return image, out[0], out[1]
+        labels = self._fit(self.spec.to_classes(load_mask_array(self.masks[i]), self.masks[i]), self.masks[i], image)
+        fov_path = self.fovs[i]
+        if fov_path is None:
+            return image, labels, None
+        fov = load_mask_array(fov_path)
+        msg = fov_problem(np.unique(fov).tolist())
+        if msg:
+            raise DataError(f"{fov_path}: {msg}")
+        return image, labels, self._fit((fov > 0).astype(np.uint8), fov_path, image)
+
+    def _fit(self, arr: np.ndarray, path: Path, image: np.ndarray) -> np.ndarray:
+        """Resize a map to the working size, or (native size) verify that it matches its image."""
+        if self.size is not None:
+            return resize_labels(arr, self.size)
+        if arr.shape != image.shape[1:]:
+            raise DataError(f"{path}: size {arr.shape[0]}x{arr.shape[1]} (HxW) differs from its image "
+                            f"{image.shape[1]}x{image.shape[2]}")
+        return arr
 
 
 class _VolumeSource(_Source):
@@ -287,20 +291,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image, labels, fov = self.raw(i)
         img = image.astype(np.float32) if self.source.normalized else normalize_intensity(
             image, self.normalize, self.ct_window)  # type: ignore[arg-type]
-        if self.train and (self.patch_size is not None or self.augment is not None):
-            rng = self._generator()
-            if self.patch_size is not None:
-                img, labels, fov = random_patch(img, labels, fov, self.patch_size, rng)
-            image_t = torch.from_numpy(np.ascontiguousarray(img))
-            labels_t = torch.from_numpy(labels.astype(np.int64))
-            fov_t = None if fov is None else torch.from_numpy(fov.astype(np.float32))
-            if self.augment is not None:
-                image_t, labels_t, fov_t = self.augment(image_t, labels_t, fov_t, rng)
-        else:
-            image_t = torch.from_numpy(img)
-            labels_t = torch.from_numpy(labels.astype(np.int64))
-            fov_t = None if fov is None else torch.from_numpy(fov.astype(np.float32))
-        out: dict[str, Any] = {"image": image_t, "mask": one_hot(labels_t, self.num_classes), "id": self.source.ids[i]}
+        if self.train and self.patch_size is not None:
+            img, labels, fov = random_patch(img, labels, fov, self.patch_size, self._generator())
+        image_t = torch.from_numpy(np.ascontiguousarray(img))
+        fov_t = None if fov is None else torch.from_numpy(fov.astype(np.float32))
+        if self.train and self.augment is not None:
+            image_t, labels_t, fov_t = self.augment(image_t, torch.from_numpy(labels.astype(np.int64)), fov_t,
+                                                    self._generator())
+            labels = labels_t.numpy()
+        out: dict[str, Any] = {"image": image_t, "mask": one_hot(labels, self.num_classes), "id": self.source.ids[i]}
         if fov_t is not None:
             out["fov"] = fov_t.unsqueeze(0)
         return out
@@ -407,7 +406,7 @@ def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> SegmentationDa
     return SegmentationDataset(source, num_classes=cfg.num_classes, normalize=cfg.normalize,
                                ct_window=cfg.ct_window, train=train, patch_size=cfg.patch_size if train else None,
                                augment=augment, cache=cfg.cache, root=root,
-                               workers=max(1, cfg.num_workers) if cfg.num_workers else None)
+                               workers=cfg.num_workers or None)
 
 
 def dataset_info(cfg: DataConfig) -> dict[str, Any]:

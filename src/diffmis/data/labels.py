@@ -12,18 +12,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 from diffmis.errors import ConfigError, DataError
 
-__all__ = ["LabelSpec"]
+__all__ = ["LabelSpec", "fov_problem"]
 
 _BINARY_SETS = ({0, 1}, {0, 255})
 
 
-def _fmt(values: Sequence[int]) -> str:
+def _fmt(values: Iterable[int]) -> str:
     return "{" + ", ".join(str(v) for v in sorted(values)) + "}"
+
+
+def fov_problem(present: Iterable[int]) -> Optional[str]:
+    """A message when a field-of-view mask's distinct values are not {0, 1} or {0, 255} (subsets allowed)."""
+    found = set(int(v) for v in present)
+    if any(found <= s for s in _BINARY_SETS):
+        return None
+    return f"field-of-view mask is not binary: values {_fmt(found)}; expected {{0, 1}} or {{0, 255}}"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ Augmentation (``AugmentConfig``), each part applied independently with probabili
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -172,19 +172,22 @@ def random_patch(
     return image[(slice(None), *sl)], labels[sl], None if fov is None else fov[sl]
 
 
-def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Class-index map -> one-hot float mask.
+def one_hot(labels: Union[np.ndarray, torch.Tensor], num_classes: int) -> torch.Tensor:
+    """Class-index map -> one-hot float mask (computed in numpy: no thread start-up cost per item).
 
     Args:
-        labels: ``(H, W)`` int64 class indices in ``[0, K)`` (``K = 2`` values {0, 1} when ``num_classes`` is 1).
+        labels: ``(H, W)`` integer class indices in ``[0, K)`` ({0, 1} when ``num_classes`` is 1), numpy or a
+            CPU tensor.
         num_classes: K. ``1``: the single foreground channel; ``>= 2``: channel 0 is background.
 
     Returns:
-        ``(K, H, W)`` float32 in {0, 1}.
+        ``(K, H, W)`` float32 tensor in {0, 1}.
     """
+    lab = labels.numpy() if isinstance(labels, torch.Tensor) else labels
     if num_classes == 1:
-        return (labels == 1).unsqueeze(0).float()
-    return F.one_hot(labels, num_classes).permute(2, 0, 1).float()
+        return torch.from_numpy((lab == 1)[None].astype(np.float32))
+    classes = np.arange(num_classes, dtype=lab.dtype).reshape(-1, 1, 1)
+    return torch.from_numpy((lab[None] == classes).astype(np.float32))
 
 
 class Augmenter:
