@@ -36,6 +36,15 @@ MODEL_SMALL = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and spinning threads suffer badly on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build_model(name: str, k: int) -> nn.Module:
     params = dict(MODEL_SMALL[name])
     return MODELS.build(name.removesuffix("_binary"), in_channels=C_IMG, num_classes=k, **params)
@@ -144,6 +153,19 @@ def test_medsegdiff_bf16_autocast_and_channels_last():
             out_bf16 = model(x_t, t, cond)
     assert torch.allclose(out_cl, ref, atol=1e-5)
     assert out_bf16.shape == ref.shape and torch.isfinite(out_bf16).all()
+
+
+def test_medsegdiff_presets_and_ablation_switches():
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        counts = {size: sum(p.numel() for p in MODELS.build("medsegdiff", in_channels=3, num_classes=1,
+                                                              size=size).parameters()) for size in "SBL"}
+    assert counts["S"] < counts["B"] < counts["L"] and 20e6 < counts["B"] < 30e6
+    plain = build_model("medsegdiff", 1)
+    ablated = MODELS.build("medsegdiff", in_channels=C_IMG, num_classes=1, dce=False, ff_parser=False,
+                           **MODEL_SMALL["medsegdiff"])
+    assert len(plain.ff_parsers) == len(plain.dce) == 3 and not ablated.ff_parsers and not ablated.dce
+    x_t, t, cond = model_inputs(ablated, "medsegdiff", 1, (32, 32), torch.Generator().manual_seed(0))
+    assert ablated(x_t, t, cond).shape == (2, 1, 32, 32)
 
 
 # ------------------------------------------------------------------------------------------------------
