@@ -211,7 +211,7 @@ class SSFormer(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, h: Tensor, semantic: Tensor) -> Tensor:
-        """``h: (B, C, H', W')`` bottleneck, ``semantic: (B, C_s, h, w)`` -> conditioned bottleneck ``(B, C, H', W')``."""
+        """``h: (B, C, H', W')`` bottleneck, ``semantic: (B, C_s, h, w)`` -> conditioned ``(B, C, H', W')``."""
         noise_stream = h
         semantic_stream = resize_to(self.semantic_proj(semantic), h.shape[-2:])
         for i, block in enumerate(self.blocks):
