@@ -20,8 +20,8 @@ images as uint8, and again raises one DataError listing every file that fails to
 values: nothing can fail later in the run. Without the cache, items are decoded on access and such errors
 surface when the bad item is read.
 
-nnU-Net volumes are normalised per volume and channel (statistics of the whole 3D image), then sliced along
-``data.slice_axis`` in voxel order; each slice is one item with id ``<case>_s<NNNN>``.
+nnU-Net volumes are sliced along ``data.slice_axis`` in voxel order; each slice is one item with id
+``<case>_s<NNNN>``, normalised on its own like a 2D image (as prediction does slice by slice).
 
 Randomness: augmentation and patch positions draw from a numpy Generator. The training loop seeds it per item
 through :meth:`SegmentationDataset.set_item_seed`; otherwise it is seeded from ``torch.initial_seed()``, which
@@ -53,7 +53,15 @@ from diffmis.data.layouts import (
 from diffmis.data.mni import CLASS_NAMES as MNI_CLASS_NAMES
 from diffmis.data.mni import mni_slices
 from diffmis.data.synthetic import synthetic_sample
-from diffmis.data.transforms import Augmenter, normalize_intensity, one_hot, random_patch, resize_image, resize_labels
+from diffmis.data.transforms import (
+    Augmenter,
+    NormalizeMode,
+    normalize_intensity,
+    one_hot,
+    random_patch,
+    resize_image,
+    resize_labels,
+)
 
 __all__ = ["SegmentationDataset", "build_dataset", "dataset_info", "SYNTHETIC_DEFAULT_SIZE"]
 
@@ -67,10 +75,9 @@ SYNTHETIC_DEFAULT_SIZE = (64, 64)
 
 
 class _Source:
-    """Where raw items come from. ``normalized``: images are already normalised (volumes)."""
+    """Where raw items come from."""
 
     ids: list[str]
-    normalized = False
 
     def load(self, i: int) -> Raw:
         raise NotImplementedError
@@ -123,26 +130,23 @@ class _FolderSource(_Source):
 class _VolumeSource(_Source):
     """nnU-Net NIfTI cases, one item per slice along ``axis``; a small per-process cache of whole cases."""
 
-    normalized = True
-
-    def __init__(self, cases: list[tuple[str, list[Path], Path, int]], spec: LabelSpec, axis: int, size: Size,
-                 normalize: str, ct_window: tuple[float, float]) -> None:
+    def __init__(self, cases: list[tuple[str, list[Path], Path, int]], spec: LabelSpec, axis: int,
+                 size: Size) -> None:
         self.cases = {c: (chans, label) for c, chans, label, _ in cases}
         self.items = [(c, s) for c, _, _, n in cases for s in range(n)]
         self.ids = [f"{c}_s{s:04d}" for c, s in self.items]
         self.spec, self.axis, self.size = spec, axis, size
-        self.normalize, self.ct_window = normalize, ct_window
         self._recent: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
 
     def _read_case(self, case: str) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised ``(C, X, Y, Z)`` float32 image and ``(X, Y, Z)`` uint8 class indices of one case."""
+        """Raw ``(C, X, Y, Z)`` image (stored integer dtype, or float32) and ``(X, Y, Z)`` uint8 class indices."""
         chans, label = self.cases[case]
         vols = [read_volume(p) for p in chans]
         lab = read_volume(label)
         for v in vols[1:] + [lab]:
             if v.data.shape != vols[0].data.shape:
                 raise DataError(f"{v.path}: shape {v.data.shape} differs from {chans[0].name} {vols[0].data.shape}")
-        image = np.stack([normalize_intensity(v.data[None], self.normalize, self.ct_window)[0] for v in vols])  # type: ignore[arg-type]
+        image = np.stack([v.data.astype(np.float32) if v.data.dtype.kind == "f" else v.data for v in vols])
         data = lab.data
         if data.dtype.kind == "f":
             if not np.all(data == np.round(data)):
@@ -202,7 +206,8 @@ class _SyntheticSource(_Source):
     def __init__(self, split_code: int, n: int, size: tuple[int, int], num_classes: int, channels: int,
                  seed: int, split: str) -> None:
         self.ids = [f"synth_{split}_{i:04d}" for i in range(n)]
-        self.split_code, self.size, self.num_classes, self.channels, self.seed = split_code, size, num_classes, channels, seed
+        self.split_code, self.size, self.seed = split_code, size, seed
+        self.num_classes, self.channels = num_classes, channels
 
     def load(self, i: int) -> Raw:
         image, labels = synthetic_sample(self.size, self.num_classes, self.channels, (self.seed, self.split_code, i))
@@ -234,7 +239,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         workers: decoding threads for the cache (default: available cores, at most 8).
     """
 
-    def __init__(self, source: _Source, *, num_classes: int, normalize: str, ct_window: tuple[float, float],
+    def __init__(self, source: _Source, *, num_classes: int, normalize: NormalizeMode, ct_window: tuple[float, float],
                  train: bool, patch_size: Size = None, augment: Optional[Augmenter] = None, cache: bool = True,
                  root: str = "<memory>", workers: Optional[int] = None) -> None:
         self.source = source
@@ -289,8 +294,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image, labels, fov = self.raw(i)
-        img = image.astype(np.float32) if self.source.normalized else normalize_intensity(
-            image, self.normalize, self.ct_window)  # type: ignore[arg-type]
+        img = normalize_intensity(image, self.normalize, self.ct_window)
         if self.train and self.patch_size is not None:
             img, labels, fov = random_patch(img, labels, fov, self.patch_size, self._generator())
         image_t = torch.from_numpy(np.ascontiguousarray(img))
@@ -355,13 +359,13 @@ def _folder_source(cfg: DataConfig, split: str) -> tuple[_Source, str]:
         fovs = [index.fov.get(i) if index.fov is not None else None for i in ids]
         return _FolderSource(ids, [[index.images[i]] for i in ids], [index.masks[i] for i in ids], fovs, spec,
                              cfg.in_channels, cfg.image_size), str(root)
-    pairs = [(c, index.train[c], index.train_labels[c]) if c in index.train else (c, index.test[c], index.test_labels[c])
-             for c in ids]
+    pairs = [(c, index.train[c], index.train_labels[c]) if c in index.train
+             else (c, index.test[c], index.test_labels[c]) for c in ids]
     if index.is_2d:
         return _FolderSource(ids, [p[1] for p in pairs], [p[2] for p in pairs], [None] * len(ids), spec,
                              cfg.in_channels, cfg.image_size), str(root)
     cases = [(c, chans, label, volume_shape(label)[0][cfg.slice_axis]) for c, chans, label in pairs]
-    return _VolumeSource(cases, spec, cfg.slice_axis, cfg.image_size, cfg.normalize, cfg.ct_window), str(root)
+    return _VolumeSource(cases, spec, cfg.slice_axis, cfg.image_size), str(root)
 
 
 def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> SegmentationDataset:

@@ -238,9 +238,8 @@ def volume_shape(path: PathLike) -> tuple[tuple[int, int, int], tuple[float, flo
     path = Path(path)
     img = _load_nifti(path)
     shape = _spatial_shape(img.shape, path)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    zooms = zooms + (1.0,) * (3 - len(zooms))
-    return shape, (zooms[0], zooms[1], zooms[2])
+    z = [float(v) for v in img.header.get_zooms()[:3]] + [1.0, 1.0]
+    return shape, (z[0], z[1], z[2])
 
 
 def read_volume(path: PathLike) -> Volume:
@@ -256,8 +255,8 @@ def read_volume(path: PathLike) -> Volume:
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # truncated gzip streams raise EOFError/OSError/zlib.error
         raise DataError(f"{path}: corrupt or truncated volume, decoding failed ({err})") from None
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3]) + (1.0, 1.0)
-    return Volume(data.reshape(shape), np.asarray(img.affine, dtype=np.float64), zooms[:3], path)  # type: ignore[arg-type]
+    z = [float(v) for v in img.header.get_zooms()[:3]] + [1.0, 1.0]
+    return Volume(data.reshape(shape), np.asarray(img.affine, dtype=np.float64), (z[0], z[1], z[2]), path)
 
 
 def _output_dtype(arr: np.ndarray) -> np.dtype:

@@ -41,6 +41,7 @@ __all__ = [
     "random_patch",
     "one_hot",
     "Augmenter",
+    "NormalizeMode",
 ]
 
 NormalizeMode = Literal["minmax", "zscore", "ct_window", "none"]
