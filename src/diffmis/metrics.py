@@ -148,9 +148,8 @@ def _restrict(
     return pred, ref
 
 
-def _with_empty_conventions(score: torch.Tensor, pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def _with_empty_conventions(score: torch.Tensor, pred_empty: torch.Tensor, ref_empty: torch.Tensor) -> torch.Tensor:
     """Set overlap scores of empty masks: both empty -> 1, exactly one empty -> 0 (not left to MONAI defaults)."""
-    pred_empty, ref_empty = _empty_flags(pred, ref)
     score = torch.where(pred_empty & ref_empty, torch.ones_like(score), score)
     return torch.where(pred_empty ^ ref_empty, torch.zeros_like(score), score)
 
@@ -163,7 +162,8 @@ def _dice_iou(pred: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> tupl
     r_sum = ref.flatten(2).sum(-1).to(dtype)
     dice = 2.0 * inter / (p_sum + r_sum).clamp_min(1.0)
     iou = inter / (p_sum + r_sum - inter).clamp_min(1.0)
-    return _with_empty_conventions(dice, pred, ref), _with_empty_conventions(iou, pred, ref)
+    pred_empty, ref_empty = p_sum == 0, r_sum == 0
+    return _with_empty_conventions(dice, pred_empty, ref_empty), _with_empty_conventions(iou, pred_empty, ref_empty)
 
 
 def dice_batch(
@@ -240,10 +240,12 @@ def segmentation_metrics(
         pred_onehot.cpu(), ref_onehot.cpu(), None if fov is None else fov.cpu(), "segmentation_metrics"
     )
     sp = _spacing_tuple(spacing, pred.ndim - 2)
-    p64, r64 = pred.double(), ref.double()
-    dice = _with_empty_conventions(compute_dice(p64, r64, include_background=True, ignore_empty=False).double(), pred, ref)
-    iou = _with_empty_conventions(compute_iou(p64, r64, include_background=True, ignore_empty=False).double(), pred, ref)
     pred_empty, ref_empty = _empty_flags(pred, ref)
+    p64, r64 = pred.double(), ref.double()
+    dice = compute_dice(p64, r64, include_background=True, ignore_empty=False).double()
+    iou = compute_iou(p64, r64, include_background=True, ignore_empty=False).double()
+    dice = _with_empty_conventions(dice, pred_empty, ref_empty)
+    iou = _with_empty_conventions(iou, pred_empty, ref_empty)
     diagonal = image_diagonal(pred.shape[2:], sp)
     # Both empty -> 0; exactly one empty -> the diagonal; the rest is filled below.
     hd95 = torch.where(pred_empty & ref_empty, 0.0, diagonal).double()

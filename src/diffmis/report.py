@@ -48,9 +48,14 @@ _CONFIG_KEYS = (
     "train.batch_size", "train.lr", "train.precision", "sample.sampler", "sample.steps", "sample.ensemble",
     "sample.fuse",
 )
-_CLASS_COLOURS = np.array(
-    [[0.95, 0.25, 0.2], [0.2, 0.55, 1.0], [0.2, 0.85, 0.3], [1.0, 0.8, 0.1], [0.8, 0.3, 0.9], [0.1, 0.85, 0.85]]
-)
+# Overlay colours: chosen to stand out on grey scans and on red/orange fundus and endoscopy images alike.
+_CLASS_COLOURS = ((0.15, 0.9, 0.3), (0.2, 0.55, 1.0), (1.0, 0.85, 0.1), (0.8, 0.3, 0.9), (0.1, 0.85, 0.85))
+_ERRORS = {
+    "correct": (0.15, 0.9, 0.3),
+    "false positive": (1.0, 0.2, 0.85),
+    "missed": (0.1, 0.8, 1.0),
+    "wrong class": (1.0, 0.6, 0.0),
+}
 
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1200px;
@@ -406,27 +411,39 @@ def _slice(arr: np.ndarray, index: Optional[int]) -> np.ndarray:
     return arr if index is None else arr[..., index]
 
 
-def _colour_labels(labels: np.ndarray) -> np.ndarray:
-    """Label map ``(H, W)`` -> RGBA overlay (transparent background, one colour per class)."""
-    rgba = np.zeros((*labels.shape, 4))
-    for k in range(1, int(labels.max()) + 1 if labels.size else 1):
-        rgba[labels == k, :3] = _CLASS_COLOURS[(k - 1) % len(_CLASS_COLOURS)]
-        rgba[labels == k, 3] = 0.45
+def _fill(layers: Sequence[tuple[np.ndarray, Sequence[float]]], shape: tuple[int, ...]) -> np.ndarray:
+    """RGBA overlay: each ``(bool mask, rgb)`` layer painted half-transparent on a transparent canvas."""
+    rgba = np.zeros((*shape, 4))
+    for mask, rgb in layers:
+        rgba[mask, :3] = rgb
+        rgba[mask, 3] = 0.6
     return rgba
 
 
-def _overlay_panel(ax: Any, background: Optional[np.ndarray], labels: Optional[np.ndarray],
-                   truth: Optional[np.ndarray], title: str, shape: tuple[int, ...]) -> None:
-    if background is not None:
-        ax.imshow(background, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    else:
-        ax.imshow(np.zeros(shape), cmap="gray", vmin=0, vmax=1)
-    if labels is not None:
-        ax.imshow(_colour_labels(labels), interpolation="nearest")
-    if truth is not None and truth.any():
-        for k in range(1, int(truth.max()) + 1):
-            if (truth == k).any():
-                ax.contour((truth == k).astype(float), levels=[0.5], colors=["yellow"], linewidths=0.9)
+def _truth_overlay(truth: np.ndarray) -> np.ndarray:
+    """One colour per class of the reference label map."""
+    top = int(truth.max()) if truth.size else 0
+    return _fill([(truth == k, _CLASS_COLOURS[(k - 1) % len(_CLASS_COLOURS)]) for k in range(1, top + 1)], truth.shape)
+
+
+def _error_overlay(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Prediction against reference: correct foreground, false positive, missed, wrong class (colours in _ERRORS)."""
+    layers = [
+        ((pred > 0) & (pred == truth), _ERRORS["correct"]),
+        ((pred > 0) & (truth == 0), _ERRORS["false positive"]),
+        ((pred == 0) & (truth > 0), _ERRORS["missed"]),
+        ((pred > 0) & (truth > 0) & (pred != truth), _ERRORS["wrong class"]),
+    ]
+    return _fill(layers, truth.shape)
+
+
+def _show(ax: Any, background: Optional[np.ndarray], overlay: Optional[np.ndarray], title: str,
+          shape: tuple[int, ...]) -> None:
+    """Image (or black when there is none) with an optional RGBA overlay."""
+    ax.imshow(background if background is not None else np.zeros(shape), cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest")
+    if overlay is not None:
+        ax.imshow(overlay, interpolation="nearest")
     ax.set_title(title, fontsize=9)
     ax.axis("off")
 
@@ -458,7 +475,9 @@ def _case_figure(case_id: str, sets: dict[str, dict[str, Any]], first: str) -> t
     else:
         notes.append(f"no image for case '{case_id}'" + (f" ({image_entry} not found)" if image_entry else ""))
 
-    panels: list[tuple[str, Any]] = [("image", None), ("truth", None)]
+    # (kind, title, payload): kind is "image", "truth", "pred" (label map or None) or "unc" (float map)
+    panels: list[tuple[str, str, Any]] = [("image", "image" if image is not None else "image (none)", None),
+                                          ("truth", "truth", None)]
     for name, s in sets.items():
         c = s["_cases"].get(case_id)
         if c is None:
@@ -475,33 +494,35 @@ def _case_figure(case_id: str, sets: dict[str, dict[str, Any]], first: str) -> t
                 notes.append(f"prediction {pred_path} has shape {pred_arr.shape}, reference {truth.shape}")
         else:
             notes.append(f"{name}: prediction of '{case_id}' not found ({c.get('pred')})")
-        panels.append((f"{name}{dice}", pred))
+        panels.append(("pred", f"{name}{dice}" if pred is not None else f"{name} (missing)", pred))
         unc_path = _resolve(c.get("uncertainty"), Path(s["_dir"]))
         if unc_path is not None:
             unc = np.squeeze(np.load(unc_path, allow_pickle=False).astype(np.float64))
             unc = _slice(unc, index) if unc.ndim == 3 else unc
             if unc.shape == truth2d.shape:
-                panels.append((f"{name} uncertainty", ("unc", unc)))
+                panels.append(("unc", f"{name} uncertainty", unc))
             else:
                 notes.append(f"uncertainty {unc_path} has shape {unc.shape}, mask {truth2d.shape}: not shown")
 
     n = len(panels)
     h, w = truth2d.shape
-    fig = _figure(2.7 * n, 2.7 * h / w + 0.4)
+    panel = min(3.4, 13.0 / n)  # inches: the row fills the page width at 90 dpi
+    fig = _figure(panel * n, panel * h / w + 0.4)
     axes = np.atleast_1d(fig.subplots(1, n))
-    for ax, (title, payload) in zip(axes, panels):
-        if title == "image":
-            _overlay_panel(ax, image, None, None, "image" if image is not None else "image (none)", truth2d.shape)
-        elif title == "truth":
-            _overlay_panel(ax, image, truth2d, None, "truth", truth2d.shape)
-        elif isinstance(payload, tuple):
-            im = ax.imshow(payload[1], cmap="magma", interpolation="nearest")
+    for ax, (kind, title, payload) in zip(axes, panels):
+        if kind == "unc":
+            lo = min(0.0, float(payload.min()))
+            hi = float(payload.max())
+            im = ax.imshow(payload, cmap="magma", interpolation="nearest", vmin=lo, vmax=hi if hi > lo else lo + 1.0)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
             ax.set_title(title, fontsize=9)
             ax.axis("off")
+        elif kind == "truth":
+            _show(ax, image, _truth_overlay(truth2d), title, truth2d.shape)
+        elif kind == "pred":
+            _show(ax, image, None if payload is None else _error_overlay(payload, truth2d), title, truth2d.shape)
         else:
-            _overlay_panel(ax, image, payload, truth2d, title if payload is not None else f"{title} (missing)",
-                           truth2d.shape)
+            _show(ax, image, None, title, truth2d.shape)
     if index is not None:
         fig.suptitle(f"{case_id}: slice {index} of the last axis (most reference foreground)", fontsize=10)
     fig.tight_layout()
@@ -529,8 +550,12 @@ def _cases_section(run: _Run) -> str:
     picks: dict[str, str] = {}
     for label, (score, cid) in (("best", scored[0]), ("median", scored[len(scored) // 2]), ("worst", scored[-1])):
         picks.setdefault(cid, f"{label} (Dice {score:.3f})")
-    out.append(f'<p class="note">Chosen by mean foreground Dice of the set <b>{_esc(first)}</b>; colour fill: mask '
-               "(one colour per class), yellow line: reference boundary.</p>")
+    legend = ", ".join(
+        f'<span style="color:rgb({",".join(str(int(255 * c)) for c in rgb)})">&#9632;</span> {_esc(name)}'
+        for name, rgb in _ERRORS.items()
+    )
+    out.append(f'<p class="note">Chosen by mean foreground Dice of the set <b>{_esc(first)}</b>. Truth: one colour '
+               f"per class. Predictions against the truth: {legend}.</p>")
     for cid, label in picks.items():
         out.append(f"<h3>{_esc(label)}: {_esc(cid)}</h3>")
         try:
