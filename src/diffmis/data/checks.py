@@ -48,7 +48,7 @@ from diffmis.data.layouts import (
     resolve_split,
 )
 
-__all__ = ["DatasetReport", "check_dataset", "check_index", "nnunet_label_spec"]
+__all__ = ["DatasetReport", "check_dataset", "check_index", "nnunet_label_spec", "parallel_map"]
 
 PathLike = Union[str, Path]
 T = TypeVar("T")
