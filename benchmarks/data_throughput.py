@@ -7,7 +7,8 @@ Measured, in images per second:
 * ``cache_fill``: ``build_dataset`` with ``data.cache=True`` decodes and resizes everything on a thread pool
   (and checks every mask) before returning;
 * ``first_epoch``: cache fill + the first epoch over the cache (the cold start of a cached run);
-* ``cached_epoch``: the second epoch over the cache (every later epoch).
+* ``cached_epoch``: the second epoch over the cache (every later epoch);
+* ``cached_epoch_in_process``: the same with ``num_workers=0`` (no inter-process transfer of batches).
 
 Writes ``benchmarks/results/data_throughput.json`` with the machine (CPU model, cores, torch threads, load
 average), torch version and git commit. The machine may be shared: the load average is recorded with the result.
@@ -98,11 +99,13 @@ def main() -> None:
     t_fill = time.perf_counter() - t0
     t_first = epoch_seconds(cached, args.batch, args.workers)
     t_second = epoch_seconds(cached, args.batch, args.workers)
+    t_inproc = epoch_seconds(cached, args.batch, 0)
     cache_bytes = sum(a.nbytes for ds in cached.datasets for i in range(len(ds))  # type: ignore[attr-defined]
                       for a in ds.raw(i) if a is not None)
     print(f"cache fill: {t_fill:.1f}s = {n / t_fill:.0f} images/s ({cache_bytes / 2**20:.0f} MiB)")
     print(f"first cached epoch: fill + {t_first:.1f}s = {n / (t_fill + t_first):.0f} images/s")
-    print(f"second cached epoch: {t_second:.1f}s = {n / t_second:.0f} images/s")
+    print(f"second cached epoch: {t_second:.1f}s = {n / t_second:.0f} images/s "
+          f"(in process, no workers: {n / t_inproc:.0f} images/s)")
 
     result = {
         "benchmark": "data_throughput",
@@ -112,6 +115,7 @@ def main() -> None:
         "cache_fill": {"seconds": t_fill, "images_per_s": n / t_fill, "cache_mib": cache_bytes / 2**20},
         "first_epoch": {"seconds": t_fill + t_first, "images_per_s": n / (t_fill + t_first)},
         "cached_epoch": {"seconds": t_second, "images_per_s": n / t_second},
+        "cached_epoch_in_process": {"seconds": t_inproc, "images_per_s": n / t_inproc},
         "env": env,
     }
     write_json(RESULTS, result)
