@@ -16,7 +16,7 @@ Contents
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from monai.networks.nets import AttentionUnet, BasicUNet, SegResNet
@@ -74,7 +74,7 @@ class Segmentor(nn.Module):
         check_spatial_size(image, self.size_multiple, type(self).__name__)
         captured: list[Tensor | None] = [None] * len(self.feature_modules)
 
-        def make_hook(i: int):
+        def make_hook(i: int) -> Callable[[nn.Module, object, Tensor], None]:
             def hook(module: nn.Module, inputs: object, output: Tensor) -> None:
                 captured[i] = output
 
