@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmis.config import Config, load_config
-from diffmis.data import normalize_image, read_image
+from diffmis.data import normalize_intensity, read_image
 from diffmis.diffusion import GaussianMethod, SegmentationMethod, SegmentorMethod, build
 from diffmis.ensemble import EnsembleResult, ensemble_predict
 from diffmis.errors import CheckpointError, InputError
@@ -134,7 +134,8 @@ class Predictor:
         if image.shape[0] != self.in_channels:
             raise InputError(f"{source}: the image has {image.shape[0]} channel(s) but the model takes "
                              f"{self.in_channels}")
-        arr = normalize_image(np.asarray(image, dtype=np.float32), self.cfg.data)
+        arr = normalize_intensity(np.asarray(image, dtype=np.float32), self.cfg.data.normalize,
+                                  tuple(self.cfg.data.ct_window))
         return torch.from_numpy(np.ascontiguousarray(arr)).float()
 
     def _run_members(self, x: torch.Tensor, prior_mask: Optional[torch.Tensor]) -> EnsembleResult:

@@ -51,7 +51,7 @@ def quickstart_config(data_root: Path, out_dir: Path, minutes: float, seed: int 
 def run_quickstart(out: str | Path = "quickstart", minutes: float = 6.0, seed: int = 0, image_size: int = 96,
                    log: Callable[[str], None] = print) -> QuickstartResult:
     """Run the quickstart into ``out`` (replaced if it exists). ``minutes`` is the training budget."""
-    from diffmis.data import prepare_mni
+    from diffmis.data import write_mni
     from diffmis.evaluation import evaluate_folders
     from diffmis.inference import Predictor, predict_paths
     from diffmis.report import write_report
@@ -63,7 +63,7 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 6.0, seed: i
         shutil.rmtree(out)
     out.mkdir(parents=True)
     log(f"[1/4] building the MNI brain-tissue dataset (offline, from the nilearn package) -> {out / 'data'}")
-    data_root = prepare_mni(out / "data")
+    data_root = write_mni(out / "data")
     cfg = quickstart_config(data_root, out / "runs", minutes, seed, image_size)
 
     log(f"[2/4] training HiDiff (UNet segmentor + BBDM refiner, T=10) for {minutes:g} min on "

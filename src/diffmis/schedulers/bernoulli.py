@@ -62,9 +62,15 @@ def bernoulli_posterior(
 
 
 def bernoulli_kl(q: torch.Tensor, m: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
-    """Elementwise ``KL(B(q) || B(m))`` in nats; ``m`` is clamped to ``[eps, 1 - eps]``, ``0 log 0 = 0``."""
+    """Elementwise ``KL(B(q) || B(m))`` in nats; ``m`` is clamped to ``[eps, 1 - eps]``, ``0 log 0 = 0``.
+
+    ``q log q`` is written as ``q * log(max(q, eps))`` rather than ``xlogy(q, q)``: the gradient of xlogy with
+    respect to its second argument is ``q / q``, NaN at q = 0, which HiDiff's segmentor step (gradients through
+    the prior into the true posterior ``q``) reaches whenever a posterior is exactly 0 or 1.
+    """
     m = m.clamp(eps, 1.0 - eps)
-    return torch.xlogy(q, q) - q * m.log() + torch.xlogy(1.0 - q, 1.0 - q) - (1.0 - q) * torch.log1p(-m)
+    q1 = 1.0 - q
+    return q * (q.clamp_min(eps).log() - m.log()) + q1 * (q1.clamp_min(eps).log() - torch.log1p(-m))
 
 
 class BernoulliScheduler:
