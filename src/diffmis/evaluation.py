@@ -126,7 +126,7 @@ def _read_2d(path: Path) -> np.ndarray:
         if data.shape[-1] == 4:
             data = data[..., :3]
         if not (data == data[..., :1]).all():
-            raise DataError(f"{path}: a mask must be a single-channel label map; this file has different colour channels")
+            raise DataError(f"{path}: a mask must be a single-channel label map; its colour channels differ")
         data = data[..., 0]
     return data
 
@@ -331,9 +331,8 @@ class EvaluationResult:
         for c in self.cases:
             for k in self.classes:
                 values = [c.metrics[k].get(m, math.nan) for m in self.metric_names]
-                writer.writerow(
-                    [c.id, k, *(f"{v:.6g}" if math.isfinite(v) else "" for v in values), int(c.missing), c.pred or "", c.ref]
-                )
+                cells = [f"{v:.6g}" if math.isfinite(v) else "" for v in values]
+                writer.writerow([c.id, k, *cells, int(c.missing), c.pred or "", c.ref])
         atomic_write_text(path, buf.getvalue())
         return Path(path)
 
@@ -376,6 +375,59 @@ def _prob_channels(prob: np.ndarray, ref_shape: tuple[int, ...], num_labels: int
     if not np.isfinite(prob).all() or prob.min() < -1e-5 or prob.max() > 1.0 + 1e-5:
         raise DataError(f"{path}: probabilities must lie in [0, 1], found {prob.min():.4g}..{prob.max():.4g}")
     return np.clip(prob, 0.0, 1.0)
+
+
+def _case_spacing(
+    spacing: Optional[Sequence[float]], header: Optional[tuple[float, ...]], ndim: int, ref_path: Path
+) -> Optional[tuple[float, ...]]:
+    """The spacing a case is scored with: ``spacing`` (one value = all axes), else the header's, else None (1)."""
+    sp = tuple(float(v) for v in spacing) if spacing is not None else header
+    if sp is not None and len(sp) == 1:
+        sp = sp * ndim
+    if sp is not None and len(sp) != ndim:
+        raise InputError(f"spacing {sp} has {len(sp)} values but {ref_path} has {ndim} axes")
+    return sp
+
+
+def _read_fov(
+    fovs: dict[str, Path], fov_dir: Optional[PathLike], case_id: str, ref_shape: tuple[int, ...], ref_path: Path
+) -> torch.Tensor:
+    """The FOV of a case as ``(1, 1, *spatial)`` bool."""
+    if case_id not in fovs:
+        raise InputError(f"no FOV mask for case '{case_id}' in {fov_dir}")
+    fov, _ = read_label_map(fovs[case_id])
+    if fov.shape != ref_shape:
+        raise DataError(
+            f"size mismatch for case '{case_id}': FOV {fovs[case_id]} has shape {fov.shape}, "
+            f"reference {ref_path} has shape {ref_shape}"
+        )
+    return torch.from_numpy(fov > 0)[None, None]
+
+
+def _probability_scores(
+    prob_path: Path,
+    ref_onehot: torch.Tensor,
+    classes: list[str],
+    fov: Optional[torch.Tensor],
+    n_bins: int,
+    lenient: bool,
+) -> tuple[dict[str, dict[str, float]], Calibration]:
+    """ECE (and lenient Dice/IoU) per class from one probability map; ``ref_onehot`` is ``(N, *spatial)``."""
+    n_labels = ref_onehot.shape[0]
+    prob = torch.from_numpy(
+        _prob_channels(_read_npy(prob_path, "probability"), tuple(ref_onehot.shape[1:]), n_labels, prob_path)
+    )
+    # K = 1: the foreground channel of a binary task; K = N: channel k is label k (class k at index k).
+    offset = 0 if prob.shape[0] == 1 else 1
+    target = ref_onehot[1:] if prob.shape[0] == 1 else ref_onehot
+    cal = calibration(prob, target, n_bins=n_bins, fov=None if fov is None else fov[0])
+    scores = {k: {"ECE": cal.per_class[i + offset].ece} for i, k in enumerate(classes)}
+    if lenient:
+        ls = lenient_multithreshold(prob[None], target[None], fov=fov)
+        for i, k in enumerate(classes):
+            scores[k]["Dice_lenient"] = float(ls.dice[0, i + offset])
+            scores[k]["IoU_lenient"] = float(ls.iou[0, i + offset])
+    return scores, cal
 
 
 def evaluate_folders(
@@ -435,18 +487,18 @@ def evaluate_folders(
         raise InputError(f"num_classes must be >= 1, got {num_classes}")
     n_labels = max(2, num_classes) if num_classes is not None else _infer_num_labels(refs)
     classes = [str(k) for k in range(1, n_labels)]
-    metric_names = [*METRICS, *(["ECE"] if probs is not None else []), *(["Dice_lenient", "IoU_lenient"] if lenient else [])]
+    metric_names = list(METRICS)
+    if probs is not None:
+        metric_names.append("ECE")
+    if lenient:
+        metric_names += ["Dice_lenient", "IoU_lenient"]
 
     cases: list[CaseResult] = []
     pooled: Optional[Calibration] = None
     for case_id, ref_path in refs.items():
         ref, header_spacing = read_label_map(ref_path)
         _check_labels(ref, n_labels, ref_path)
-        sp = tuple(spacing) if spacing is not None else header_spacing
-        if sp is not None and len(sp) == 1:
-            sp = sp * ref.ndim
-        if sp is not None and len(sp) != ref.ndim:
-            raise InputError(f"spacing {sp} has {len(sp)} values but {ref_path} has {ref.ndim} axes")
+        sp = _case_spacing(spacing, header_spacing, ref.ndim, ref_path)
         case = CaseResult(
             id=case_id,
             ref=ref_path.resolve(),
@@ -456,7 +508,7 @@ def evaluate_folders(
             uncertainty=uncertainties[case_id].resolve() if case_id in uncertainties else None,
         )
         cases.append(case)
-        if case_id not in preds:
+        if case_id not in preds:  # a failure: see EMPTY_MASK_CONVENTIONS
             worst = image_diagonal(ref.shape, sp)
             failure = {"Dice": 0.0, "IoU": 0.0, "HD95": worst, "ASSD": worst}
             if lenient:
@@ -464,6 +516,7 @@ def evaluate_folders(
             case.metrics = {k: dict(failure) for k in classes}
             case.penalised = list(classes)
             continue
+
         pred_path = preds[case_id]
         pred, _ = read_label_map(pred_path)
         if pred.shape != ref.shape:
@@ -473,19 +526,10 @@ def evaluate_folders(
             )
         _check_labels(pred, n_labels, pred_path)
         case.pred = pred_path.resolve()
-
-        fov_t: Optional[torch.Tensor] = None
-        if fovs is not None:
-            if case_id not in fovs:
-                raise InputError(f"no FOV mask for case '{case_id}' in {fov_dir}")
-            fov, _ = read_label_map(fovs[case_id])
-            if fov.shape != ref.shape:
-                raise DataError(f"size mismatch for case '{case_id}': FOV {fovs[case_id]} has shape {fov.shape}, reference {ref.shape}")
-            fov_t = torch.from_numpy(fov > 0)[None, None]
-
+        fov = _read_fov(fovs, fov_dir, case_id, ref.shape, ref_path) if fovs is not None else None
         ref_oh = one_hot(torch.from_numpy(ref)[None], n_labels)
         pred_oh = one_hot(torch.from_numpy(pred)[None], n_labels)
-        scores = segmentation_metrics(pred_oh[:, 1:], ref_oh[:, 1:], spacing=sp, fov=fov_t)
+        scores = segmentation_metrics(pred_oh[:, 1:], ref_oh[:, 1:], spacing=sp, fov=fov)
         for i, k in enumerate(classes):
             case.metrics[k] = {
                 "Dice": float(scores.dice[0, i]),
@@ -495,24 +539,13 @@ def evaluate_folders(
             }
             if bool(scores.ref_empty[0, i]) != bool(scores.pred_empty[0, i]):
                 case.penalised.append(k)
-
         if probs is not None:
             if case_id not in probs:
                 raise InputError(f"no probability map '{case_id}.npy' in {prob_dir}")
-            prob = torch.from_numpy(_prob_channels(_read_npy(probs[case_id], "probability"), ref.shape, n_labels, probs[case_id]))
-            # K = 1: the foreground channel; K = num_labels: channel k is label k.
-            offset = 0 if prob.shape[0] == 1 else 1
-            target = ref_oh[0, 1:] if prob.shape[0] == 1 else ref_oh[0]
-            cal = calibration(prob, target, n_bins=n_bins, fov=None if fov_t is None else fov_t[0])
+            prob_scores, cal = _probability_scores(probs[case_id], ref_oh[0], classes, fov, n_bins, lenient)
+            for k in classes:
+                case.metrics[k].update(prob_scores[k])
             pooled = cal if pooled is None else pooled.merge(cal)
-            lenient_scores = (
-                lenient_multithreshold(prob[None], target[None], fov=fov_t) if lenient else None
-            )
-            for i, k in enumerate(classes):
-                case.metrics[k]["ECE"] = cal.per_class[i + offset].ece
-                if lenient_scores is not None:
-                    case.metrics[k]["Dice_lenient"] = float(lenient_scores.dice[0, i + offset])
-                    case.metrics[k]["IoU_lenient"] = float(lenient_scores.iou[0, i + offset])
 
     options = {
         "pred_dir": Path(pred_dir).resolve(),

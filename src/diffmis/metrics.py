@@ -2,9 +2,10 @@
 
 Everything here works on one-hot tensors ``(B, K, *spatial)`` (2D or 3D) so that the same code serves
 training-time validation (:func:`dice_batch`, on any device) and folder evaluation
-(:func:`segmentation_metrics`, per case and per class). The arithmetic comes from MONAI
-(``compute_dice``, ``compute_iou``, ``compute_hausdorff_distance`` with ``percentile=95``,
-``compute_average_surface_distance``); this module adds what MONAI leaves to the caller:
+(:func:`segmentation_metrics`, per case and per class). Per-case scores come from MONAI (``compute_dice``,
+``compute_iou``, ``compute_hausdorff_distance`` with ``percentile=95``, ``compute_average_surface_distance``);
+:func:`dice_batch` is a vectorised equivalent of the Dice for training. This module adds what MONAI leaves
+to the caller:
 
 - **Empty masks** follow :data:`EMPTY_MASK_CONVENTIONS`, applied explicitly rather than inherited from
   MONAI defaults (which differ between metrics and versions).
@@ -248,7 +249,8 @@ def segmentation_metrics(
     iou = _with_empty_conventions(iou, pred_empty, ref_empty)
     diagonal = image_diagonal(pred.shape[2:], sp)
     # Both empty -> 0; exactly one empty -> the diagonal; the rest is filled below.
-    hd95 = torch.where(pred_empty & ref_empty, 0.0, diagonal).double()
+    hd95 = torch.full(pred_empty.shape, diagonal, dtype=torch.float64)
+    hd95[pred_empty & ref_empty] = 0.0
     assd = hd95.clone()
     both = (~pred_empty) & (~ref_empty)
     for b, k in both.nonzero().tolist():
@@ -358,7 +360,9 @@ def reliability_bins(
         keep = mask.detach().bool().cpu().flatten()
         conf, ok = conf[keep], ok[keep]
     if conf.numel() and (float(conf.min()) < 0.0 or float(conf.max()) > 1.0):
-        raise InputError(f"reliability_bins: confidences must lie in [0, 1], got {float(conf.min())}..{float(conf.max())}")
+        raise InputError(
+            f"reliability_bins: confidences must lie in [0, 1], got {float(conf.min())}..{float(conf.max())}"
+        )
     inner = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)[1:-1]
     idx = torch.bucketize(conf, inner, right=False)  # x in (e_i, e_{i+1}] -> i
     counts = torch.bincount(idx, minlength=n_bins).numpy().astype(np.int64)
@@ -408,17 +412,17 @@ def calibration(
         :class:`Calibration` with class-wise and top-label bins.
     """
     if prob.shape != ref_onehot.shape:
-        raise InputError(f"calibration: probability shape {tuple(prob.shape)} != reference shape {tuple(ref_onehot.shape)}")
+        raise InputError(
+            f"calibration: probability shape {tuple(prob.shape)} != reference shape {tuple(ref_onehot.shape)}"
+        )
     prob = prob.detach().double().cpu()
     ref = ref_onehot.detach().bool().cpu()
-    mask = None
+    inside = None
     if fov is not None:
         if tuple(fov.shape) != (1, *prob.shape[1:]):
             raise InputError(f"calibration: fov shape {tuple(fov.shape)} != (1, *spatial) = {(1, *prob.shape[1:])}")
-        mask = fov.detach().bool().cpu()
-    per_class = [
-        reliability_bins(prob[k], ref[k], n_bins, None if mask is None else mask[0]) for k in range(prob.shape[0])
-    ]
+        inside = fov.detach().bool().cpu()[0]
+    per_class = [reliability_bins(prob[k], ref[k], n_bins, inside) for k in range(prob.shape[0])]
     if prob.shape[0] == 1:
         p = prob[0]
         conf, correct = torch.maximum(p, 1.0 - p), (p > 0.5) == ref[0]
@@ -427,7 +431,7 @@ def calibration(
         norm = torch.where(total > 0, prob / total.clamp_min(1e-12), torch.full_like(prob, 1.0 / prob.shape[0]))
         conf, label = norm.max(0)
         correct = ref.gather(0, label.unsqueeze(0))[0]
-    top = reliability_bins(conf, correct, n_bins, None if mask is None else mask[0])
+    top = reliability_bins(conf, correct, n_bins, inside)
     return Calibration(per_class, top)
 
 

@@ -77,6 +77,24 @@ pre { background: #f6f8fa; padding: 10px; overflow-x: auto; font-size: 0.85em; }
 
 
 @dataclass
+class _EvalSet:
+    """One prediction set: ``RUN/eval/<name>/summary.json`` as written by ``diffmis evaluate``."""
+
+    name: str
+    folder: Path
+    summary: dict[str, Any]
+    cases: dict[str, dict[str, Any]] = field(init=False)  # id -> per-case entry
+
+    def __post_init__(self) -> None:
+        entries = self.summary["metric_per_case"]
+        self.cases = {c["id"]: c for c in entries if isinstance(c, dict) and isinstance(c.get("id"), str)}
+
+    def get(self, key: str) -> Any:
+        """A top-level key of the summary, or None."""
+        return self.summary.get(key)
+
+
+@dataclass
 class _Run:
     root: Path
     name: str
@@ -85,51 +103,54 @@ class _Run:
     problems: dict[str, str] = field(default_factory=dict)  # section -> why it is missing
     records: list[dict[str, Any]] = field(default_factory=list)
     bad_lines: int = 0
-    evals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evals: dict[str, _EvalSet] = field(default_factory=dict)
     eval_errors: dict[str, str] = field(default_factory=dict)
     nfe: Optional[list[dict[str, Any]]] = None
 
 
-def _load_run(root: Path) -> _Run:
+def _load_config(run: _Run) -> None:
     import yaml
 
-    run = _Run(root=root, name=root.resolve().name)
-    cfg_path = root / "config.yaml"
-    if cfg_path.is_file():
-        run.config_text = cfg_path.read_text(encoding="utf-8", errors="replace")
+    path = run.root / "config.yaml"
+    if not path.is_file():
+        run.problems["config"] = f"no config.yaml in {run.root}"
+        return
+    run.config_text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        loaded = yaml.safe_load(run.config_text)
+    except yaml.YAMLError as err:
+        run.problems["config"] = f"{path} is not valid YAML: {err}"
+        return
+    if not isinstance(loaded, dict):
+        run.problems["config"] = f"{path} does not hold a mapping"
+        return
+    run.config = loaded
+    name = _dotted(loaded, "experiment.name")
+    if isinstance(name, str) and name:
+        run.name = name
+
+
+def _load_log(run: _Run) -> None:
+    path = run.root / "metrics.jsonl"
+    if not path.is_file():
+        run.problems["curves"] = f"no metrics.jsonl in {run.root}"
+        return
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
         try:
-            loaded = yaml.safe_load(run.config_text)
-        except yaml.YAMLError as err:
-            run.problems["config"] = f"{cfg_path} is not valid YAML: {err}"
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            run.bad_lines += 1
+            continue
+        if isinstance(rec, dict) and _num(rec.get("step")) is not None:
+            run.records.append(rec)
         else:
-            if isinstance(loaded, dict):
-                run.config = loaded
-                name = _dotted(loaded, "experiment.name")
-                if isinstance(name, str) and name:
-                    run.name = name
-            else:
-                run.problems["config"] = f"{cfg_path} does not hold a mapping"
-    else:
-        run.problems["config"] = f"no config.yaml in {root}"
+            run.bad_lines += 1
 
-    log_path = root / "metrics.jsonl"
-    if log_path.is_file():
-        for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                run.bad_lines += 1
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
-                run.records.append(rec)
-            else:
-                run.bad_lines += 1
-    else:
-        run.problems["curves"] = f"no metrics.jsonl in {root}"
 
-    eval_root = root / "eval"
+def _load_evals(run: _Run) -> None:
+    eval_root = run.root / "eval"
     for sub in sorted(eval_root.iterdir()) if eval_root.is_dir() else []:
         summary = sub / "summary.json"
         if not summary.is_file():
@@ -142,20 +163,31 @@ def _load_run(root: Path) -> _Run:
         if not isinstance(data, dict) or not isinstance(data.get("metric_per_case"), list):
             run.eval_errors[sub.name] = f"{summary}: not a diffmis evaluate summary (no metric_per_case list)"
             continue
-        data["_dir"] = str(sub)
-        run.evals[sub.name] = data
+        run.evals[sub.name] = _EvalSet(sub.name, sub, data)
 
-    nfe_path = root / "nfe.json"
-    if nfe_path.is_file():
-        try:
-            nfe = json.loads(nfe_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            run.problems["nfe"] = f"{nfe_path} is not valid JSON: {err}"
-        else:
-            if isinstance(nfe, list):
-                run.nfe = [r for r in nfe if isinstance(r, dict)]
-            else:
-                run.problems["nfe"] = f"{nfe_path} should hold a list of {{method, sampler, steps, nfe, dice}}"
+
+def _load_nfe(run: _Run) -> None:
+    path = run.root / "nfe.json"
+    if not path.is_file():
+        return
+    try:
+        nfe = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        run.problems["nfe"] = f"{path} is not valid JSON: {err}"
+        return
+    if isinstance(nfe, list):
+        run.nfe = [r for r in nfe if isinstance(r, dict)]
+    else:
+        run.problems["nfe"] = f"{path} should hold a list of {{method, sampler, steps, nfe, dice}}"
+
+
+def _load_run(root: Path) -> _Run:
+    """Everything the report shows, with a note for each part that is missing or unreadable."""
+    run = _Run(root=root, name=root.resolve().name)
+    _load_config(run)
+    _load_log(run)
+    _load_evals(run)
+    _load_nfe(run)
     return run
 
 
@@ -296,7 +328,7 @@ def _curves_section(run: _Run) -> str:
     return "".join(out)
 
 
-def _metric_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
+def _metric_rows(evals: dict[str, _EvalSet]) -> list[list[str]]:
     names = list(evals)
     classes: list[str] = []
     metrics: list[str] = []
@@ -330,14 +362,17 @@ def _metric_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
             vals = [_num((s.get("foreground_mean") or {}).get(m)) for s in evals.values()]
             if any(v is not None for v in vals):
                 add("foreground mean", m, vals, [None] * len(names))
-    rows.append(["cases", "", *(_esc(s.get("n_cases", len(s["metric_per_case"]))) for s in evals.values())])
+    rows.append(["cases", "", *(_esc(s.get("n_cases") or len(s.cases)) for s in evals.values())])
     rows.append(["missing predictions", "", *(_esc(len(s.get("missing_predictions") or [])) for s in evals.values())])
     return rows
 
 
-def _reliability_figure(evals: dict[str, dict[str, Any]]) -> Optional[str]:
-    cal = {n: s["calibration"]["top_label"] for n, s in evals.items() if isinstance(s.get("calibration"), dict)
-           and isinstance(s["calibration"].get("top_label"), dict)}
+def _reliability_figure(evals: dict[str, _EvalSet]) -> Optional[str]:
+    cal = {}
+    for name, s in evals.items():
+        summary_cal = s.get("calibration")
+        if isinstance(summary_cal, dict) and isinstance(summary_cal.get("top_label"), dict):
+            cal[name] = summary_cal["top_label"]
     if not cal:
         return None
     fig = _figure(4.2, 4.0)
@@ -448,11 +483,19 @@ def _show(ax: Any, background: Optional[np.ndarray], overlay: Optional[np.ndarra
     ax.axis("off")
 
 
-def _case_figure(case_id: str, sets: dict[str, dict[str, Any]], first: str) -> tuple[str, list[str]]:
+def _case_dice(entry: dict[str, Any]) -> Optional[float]:
+    """Mean foreground Dice of a per-case summary entry, or None when it has none."""
+    metrics = entry.get("metrics")
+    values = [_num(m.get("Dice")) for m in metrics.values() if isinstance(m, dict)] if isinstance(metrics, dict) else []
+    finite = [v for v in values if v is not None]
+    return float(np.mean(finite)) if finite else None
+
+
+def _case_figure(case_id: str, sets: dict[str, _EvalSet], first: str) -> tuple[str, list[str]]:
     """One row of panels for a case; returns the ``<img>`` and notes on files that could not be shown."""
     notes: list[str] = []
-    base = Path(sets[first]["_dir"])
-    entry = sets[first]["_cases"][case_id]
+    base = sets[first].folder
+    entry = sets[first].cases[case_id]
     ref_path = _resolve(entry.get("ref"), base)
     if ref_path is None:
         return "", [f"reference of case '{case_id}' not found ({entry.get('ref')})"]
@@ -463,8 +506,8 @@ def _case_figure(case_id: str, sets: dict[str, dict[str, Any]], first: str) -> t
     truth2d = _slice(truth, index)
 
     image = None
-    image_entry = next((s["_cases"][case_id].get("image") for s in sets.values()
-                        if case_id in s["_cases"] and s["_cases"][case_id].get("image")), None)
+    image_entry = next((s.cases[case_id]["image"] for s in sets.values()
+                        if s.cases.get(case_id, {}).get("image")), None)
     image_path = _resolve(image_entry, base)
     if image_path is not None:
         image = _read_display_image(image_path)
@@ -479,13 +522,12 @@ def _case_figure(case_id: str, sets: dict[str, dict[str, Any]], first: str) -> t
     panels: list[tuple[str, str, Any]] = [("image", "image" if image is not None else "image (none)", None),
                                           ("truth", "truth", None)]
     for name, s in sets.items():
-        c = s["_cases"].get(case_id)
+        c = s.cases.get(case_id)
         if c is None:
             continue
-        fg = [_num(m.get("Dice")) for m in (c.get("metrics") or {}).values()]
-        fg = [v for v in fg if v is not None]
-        dice = f" Dice {np.mean(fg):.3f}" if fg else ""
-        pred_path = _resolve(c.get("pred"), Path(s["_dir"]))
+        fg = _case_dice(c)
+        dice = f" Dice {fg:.3f}" if fg is not None else ""
+        pred_path = _resolve(c.get("pred"), s.folder)
         pred = None
         if pred_path is not None:
             pred_arr, _ = read_label_map(pred_path)
@@ -495,7 +537,7 @@ def _case_figure(case_id: str, sets: dict[str, dict[str, Any]], first: str) -> t
         else:
             notes.append(f"{name}: prediction of '{case_id}' not found ({c.get('pred')})")
         panels.append(("pred", f"{name}{dice}" if pred is not None else f"{name} (missing)", pred))
-        unc_path = _resolve(c.get("uncertainty"), Path(s["_dir"]))
+        unc_path = _resolve(c.get("uncertainty"), s.folder)
         if unc_path is not None:
             unc = np.squeeze(np.load(unc_path, allow_pickle=False).astype(np.float64))
             unc = _slice(unc, index) if unc.ndim == 3 else unc
@@ -534,15 +576,12 @@ def _cases_section(run: _Run) -> str:
     if not run.evals:
         out.append(_missing("no evaluation summaries, so no cases to show"))
         return "".join(out)
-    for s in run.evals.values():
-        s["_cases"] = {c["id"]: c for c in s["metric_per_case"] if isinstance(c, dict) and "id" in c}
     first = next(iter(run.evals))
     scored = []
-    for c in run.evals[first]["_cases"].values():
-        values = [_num(m.get("Dice")) for m in (c.get("metrics") or {}).values() if isinstance(m, dict)]
-        values = [v for v in values if v is not None]
-        if values and c.get("pred"):
-            scored.append((float(np.mean(values)), c["id"]))
+    for c in run.evals[first].cases.values():
+        fg = _case_dice(c)
+        if fg is not None and c.get("pred"):
+            scored.append((fg, c["id"]))
     if not scored:
         out.append(_missing(f"eval set '{first}' has no case with a prediction and a Dice"))
         return "".join(out)
