@@ -55,6 +55,8 @@ class TrainResult:
     last_val: dict[str, Any] = field(default_factory=dict)
     images_per_s: Optional[float] = None
     seconds: float = 0.0
+    #: the trained method (last weights, EMA not applied), for in-process use
+    method: Optional[nn.Module] = None
 
 
 def hard_onehot(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -507,7 +509,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
     elapsed = time.time() - loop_t0
     return TrainResult(run_dir=run_dir, step=step, stopped=stopped, best_dice=best, last_val=last_val,
                        images_per_s=total_imgs / elapsed if elapsed > 0 and total_imgs else None,
-                       seconds=time.time() - t_start)
+                       seconds=time.time() - t_start, method=method)
 
 
 class _NonFinite(Exception):
