@@ -101,7 +101,7 @@ class SegmentationMethod(nn.Module):
 def build_segmentor(name: str, params: dict[str, Any], in_channels: int, num_classes: int) -> nn.Module:
     try:
         return SEGMENTORS.build(name, in_channels=in_channels, num_classes=num_classes, **params)
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"segmentor '{name}': {err}") from None
 
 
@@ -373,7 +373,7 @@ _GAUSSIAN_RECIPES = {"conditional_unet", "medsegdiff", "medsegdiff_v2", "pd_ddpm
 def _build_model(name: str, params: dict[str, Any], **kwargs: Any) -> nn.Module:
     try:
         return MODELS.build(name, **kwargs, **params)
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"model '{name}': {err}") from None
 
 

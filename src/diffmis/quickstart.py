@@ -39,7 +39,7 @@ def quickstart_config(data_root: Path, out_dir: Path, minutes: float, seed: int 
                  "val_split": "val", "test_split": "test",
                  "augment": {"flip": True, "prob": 0.5}},
         "model": {"name": "bbdm", "params": {"width": 16},
-                  "segmentor": {"name": "unet", "params": {"features": [16, 32, 64, 128]}}},
+                  "segmentor": {"name": "unet", "params": {"features": [16, 16, 32, 64, 128, 16]}}},
         "diffusion": {"kind": "bernoulli", "timesteps": 10, "schedule": "cosine"},
         "train": {"max_steps": 100000, "max_minutes": minutes, "batch_size": 8, "lr": 1e-3,
                   "lr_schedule": "constant", "warmup_steps": 20, "ema_decay": 0.99, "precision": "bf16",
