@@ -428,3 +428,5 @@ def test_find_inputs_groups_nnunet_channels_and_rejects_clashes(tmp_path):
         find_inputs(tmp_path / "x")
     with pytest.raises(InputError, match="does not exist"):
         find_inputs(tmp_path / "missing")
+    with pytest.raises(InputError, match="would overwrite it"):
+        predict_paths(None, [InputCase("s", "image", (tmp_path / "x" / "s.png",))], tmp_path / "x")  # type: ignore

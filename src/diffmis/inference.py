@@ -679,6 +679,9 @@ def predict_paths(predictor: Predictor, inputs: Sequence[Union[PathLike, InputCa
         cases += [item] if isinstance(item, InputCase) else find_inputs(item, predictor.in_channels)
     priors = _index_priors(Path(prior_dir)) if prior_dir is not None else None
     writer = _Writer(out, save_prob, save_uncertainty)
+    for case in cases:
+        if writer.mask(case).resolve() in {p.resolve() for p in case.paths}:
+            raise InputError(f"{case.name}: its mask would overwrite it; choose another output folder")
     summary = PredictSummary()
     k = predictor.num_classes
     from tqdm import tqdm
