@@ -150,7 +150,8 @@ class Predictor:
         timesteps = getattr(getattr(method, "scheduler", None), "timesteps", None)
         if self.start_step is not None and timesteps is not None and not 1 <= self.start_step <= timesteps:
             raise ConfigError(f"start step {self.start_step} is outside 1..{timesteps} (diffusion.timesteps)")
-        self.steps = int(steps) if steps is not None else int(getattr(method, "default_steps", None) or cfg.sample.steps)
+        default_steps = getattr(method, "default_steps", None) or cfg.sample.steps
+        self.steps = int(steps) if steps is not None else int(default_steps)
         if self.kind != "direct":
             limit = self.start_step or timesteps
             if not 1 <= self.steps <= limit:
