@@ -3,7 +3,6 @@ train -> predict -> evaluate on a 4-case synthetic folder dataset."""
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import sys
@@ -18,20 +17,6 @@ from diffmis.cli import commands
 from diffmis.cli.main import main
 
 
-def _tune_malloc() -> None:
-    """In-process equivalent of the CLI's GLIBC_TUNABLES (see tests/test_predict.py)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    if not libc.mallopt(-3, 1 << 30):
-        libc.mallopt(-3, 32 << 20)
-    libc.mallopt(-1, 1 << 30)
-
-
-_tune_malloc()
 
 
 @pytest.fixture(autouse=True)

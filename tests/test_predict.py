@@ -3,7 +3,6 @@ uncertainty consistent with ensemble.py, resumable folders, and bad inputs named
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 import sys
@@ -26,21 +25,6 @@ from diffmis.inference import InputCase, Predictor, find_inputs, predict_paths
 from diffmis.training.trainer import train
 
 
-def _tune_malloc() -> None:
-    """In-process equivalent of the CLI's GLIBC_TUNABLES (cli/main.py): without it PyTorch on CPU spends most of
-    these tests in page faults (every convolution's buffers are mmapped and returned)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    if not libc.mallopt(-3, 1 << 30):  # M_MMAP_THRESHOLD (capped at 32 MiB by older glibc)
-        libc.mallopt(-3, 32 << 20)
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-
-
-_tune_malloc()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Literal, Union
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "autocast", "atomic_write_bytes", "atomic_write_text", "write_json", "default_device"]
+__all__ = ["tune_malloc", "seed_everything", "autocast", "atomic_write_bytes", "atomic_write_text", "write_json", "default_device"]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -89,3 +89,26 @@ def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, p in zip(modules, prev):
             m.train(p)
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in the process (glibc): the in-process form of the CLI's ``GLIBC_TUNABLES``.
+
+    With glibc's defaults every large tensor buffer is mmapped and returned on free, and PyTorch on CPU then
+    spends much of its time in page faults. Raising the mmap and trim thresholds keeps the heap. Called
+    explicitly (tests, CLI), never at import. Returns False where it does not apply (not glibc).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not libc.mallopt(m_mmap_threshold, 1 << 30):  # newer glibc accepts up to HEAP_MAX; older caps at 32 MiB
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+    return True
