@@ -131,6 +131,7 @@ class DiffusionConfig(_Section):
 
 class TrainConfig(_Section):
     max_steps: int = Field(1000, ge=0)
+    # wall-clock budget of the training loop in this invocation (dataset loading and model building excluded)
     max_minutes: Optional[float] = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)

@@ -416,7 +416,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
     last_val: dict[str, Any] = {}
     try:
         while step < tc.max_steps:
-            if tc.max_minutes is not None and (time.time() - t_start) / 60.0 >= tc.max_minutes:
+            if tc.max_minutes is not None and (time.time() - loop_t0) / 60.0 >= tc.max_minutes:
                 stopped = "max_minutes"
                 break
             if stop_after is not None and step - start_step >= stop_after:
