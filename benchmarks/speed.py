@@ -1,0 +1,345 @@
+"""diffmis MedSegDiff against the peer implementation, ``med-seg-diff-pytorch`` 0.3.3 (lucidrains), on CPU.
+
+The peer: ``Unet(dim=32, image_size=S, mask_channels=1, input_img_channels=3, dim_mults=(1, 2, 4, 8))`` wrapped in
+``MedSegDiff(unet, timesteps=1000)`` (cosine schedule, noise prediction), about 13.5M parameters at S=128 (its
+FF-Parser maps grow with S). diffmis: the ``medsegdiff`` recipe (same schedule and objective) with the widths
+whose parameter count is closest to the peer's at 128x128, searched here by counting parameters over the
+candidates of :func:`candidates` (same base width 32 and four levels as the peer); the match must be within
+10%.
+
+Per image size (128 and 256) and batch 8, in one process, the variants alternate step by step (the order
+rotates every repeat):
+
+* ``train``: one optimizer step, forward (the method's training loss: random t, q_sample, network, MSE) +
+  backward + AdamW step; no gradient clipping or EMA in either;
+* ``denoise``: one network evaluation as in sampling (``torch.inference_mode``; diffmis reuses the condition
+  computed once per image, as its sampler does).
+
+Variants: ``peer_fp32``, ``diffmis_fp32``, ``diffmis_bf16_cl`` (bf16 autocast + channels_last). Median of
+``--repeats`` steps after ``--warmup`` steps; the diffmis speed-up (peer time / diffmis time) is computed repeat
+by repeat (adjacent steps, so load changes on a shared machine mostly cancel) and summarised by its median.
+One torch thread by default (``--threads``; see docs/benchmarks.md: two spinning OpenMP threads on a shared
+2-core machine lose whole scheduler slices whenever another process holds a core).
+Peak memory: each (size, mode, variant) also runs alone in a fresh subprocess (two training steps, or one
+denoising step) whose peak RSS (VmHWM; imports included) is reported, with the RSS after building as baseline.
+
+Every process runs with one allocator setting (``--malloc``, default ``glibc``: the tuning the diffmis CLI
+applies, for both implementations). Writes ``benchmarks/results/speed.json``.
+
+    flock /tmp/diffmis-bench.lock .venv/bin/python benchmarks/speed.py
+    .venv/bin/python benchmarks/speed.py --quick      # smoke test: 64x64, batch 2, 3 repeats, no file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    MALLOC_SETTINGS,
+    RESULTS,
+    ROOT,
+    CpuMonitor,
+    current_rss_mib,
+    ensure_malloc,
+    environment,
+    peak_rss_mib,
+    stats,
+    timed,
+    write_result,
+)
+
+OUT = RESULTS / "speed.json"
+PEER = {"dim": 32, "mask_channels": 1, "input_img_channels": 3, "dim_mults": (1, 2, 4, 8)}
+PEER_DIFFUSION = {"timesteps": 1000}  # MedSegDiff defaults: cosine betas, objective pred_noise
+C_IMG, K = 3, 1
+VARIANTS = ("peer_fp32", "diffmis_fp32", "diffmis_bf16_cl")
+MODES = ("train", "denoise")
+MATCH_SIZE = 128
+LR = 1e-4
+
+
+# ======================================================================================================
+# Models
+# ======================================================================================================
+
+
+def peer_model(size: int):
+    from med_seg_diff_pytorch import MedSegDiff, Unet
+
+    unet = Unet(image_size=size, **PEER)
+    return MedSegDiff(unet, **PEER_DIFFUSION)
+
+
+def n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def candidates() -> list[dict[str, Any]]:
+    """diffmis MedSegDiff widths considered: the peer's base width (32) and number of levels (4), full
+    self-attention at the deepest level only (as the peer), 1 or 2 ResBlocks per level, deepest multiplier 4-8."""
+    return [{"width": 32, "channel_mult": [1, 2, 4, m], "num_res_blocks": r, "attention_levels": [3],
+             "head_channels": 32} for r in (2, 1) for m in (4, 5, 6, 8)]
+
+
+def diffmis_config(params: dict[str, Any], size: int, batch: int):
+    from diffmis.config import config_from_dict
+
+    return config_from_dict({
+        "experiment": {"name": "speed", "recipe": "medsegdiff"},
+        "data": {"kind": "synthetic", "image_size": size, "in_channels": C_IMG, "num_classes": K},
+        "model": {"name": "medsegdiff", "params": {**params, "image_size": size}},
+        "diffusion": {"kind": "gaussian", "timesteps": 1000, "schedule": "cosine", "prediction": "eps"},
+        "train": {"batch_size": batch, "lr": LR},
+    })
+
+
+def diffmis_method(params: dict[str, Any], size: int, batch: int):
+    from diffmis.diffusion import build
+
+    return build(diffmis_config(params, size, batch))
+
+
+def match_widths() -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """The candidate whose parameter count (at 128x128) is closest to the peer's; every candidate's count."""
+    import torch
+
+    torch.manual_seed(0)
+    target = n_params(peer_model(MATCH_SIZE).model)
+    rows = []
+    for c in candidates():
+        n = n_params(diffmis_method(c, MATCH_SIZE, 1).denoiser)
+        rows.append({"params": c, "n_params": n, "rel_diff": round(n / target - 1, 4)})
+    best = min(rows, key=lambda r: abs(r["rel_diff"]))
+    if abs(best["rel_diff"]) > 0.10:
+        raise SystemExit(f"no candidate within 10% of the peer's {target} parameters: {rows}")
+    return best["params"], rows, target
+
+
+# ======================================================================================================
+# Steps
+# ======================================================================================================
+
+
+def make_step(variant: str, mode: str, size: int, batch: int, params: dict[str, Any]) -> tuple[Callable[[], Any], int]:
+    """A closure running one step of ``variant`` in ``mode`` on fixed random inputs; and the network's size."""
+    import torch
+
+    torch.manual_seed(0)
+    image = torch.rand(batch, C_IMG, size, size)
+    mask = (torch.rand(batch, K, size, size) > 0.7).float()
+    x_t = torch.randn(batch, K, size, size)
+    t = torch.full((batch,), 500, dtype=torch.int64)
+    if variant == "peer_fp32":
+        model = peer_model(size)
+        net = model.model
+        if mode == "train":
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=LR)
+
+            def step() -> None:
+                opt.zero_grad(set_to_none=True)
+                loss = model(mask, image)  # samples t, normalises the mask to [-1, 1], q_sample, MSE on eps
+                loss.backward()
+                opt.step()
+        else:
+            net.eval()
+
+            def step() -> None:
+                with torch.inference_mode():
+                    net(x_t, t, image)
+        return step, n_params(net)
+
+    from diffmis.utils import autocast
+
+    bf16 = variant == "diffmis_bf16_cl"
+    method = diffmis_method(params, size, batch)
+    precision = "bf16" if bf16 else "fp32"
+    if bf16:
+        method = method.to(memory_format=torch.channels_last)
+        image = image.contiguous(memory_format=torch.channels_last)
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    cpu = torch.device("cpu")
+    if mode == "train":
+        method.train()
+        opt = torch.optim.AdamW(method.parameters(), lr=LR)
+        gen = torch.Generator().manual_seed(0)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with autocast(cpu, precision):
+                out = method.loss(image, mask, 0, gen)
+            out.total.backward()
+            opt.step()
+    else:
+        method.eval()
+        with torch.inference_mode():
+            cond = method.denoiser.condition(image)
+
+        def step() -> None:
+            with torch.inference_mode(), autocast(cpu, precision):
+                method.denoiser(x_t, t, cond).float()  # the sampler's model_fn
+    return step, n_params(method.denoiser)
+
+
+# ======================================================================================================
+# Memory: one configuration alone in a subprocess
+# ======================================================================================================
+
+
+def memory_worker(args: argparse.Namespace) -> None:
+    ensure_malloc(args.malloc)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = json.loads(args.params)
+    base0 = current_rss_mib()
+    step, _ = make_step(args.variant, args.mode, args.size, args.batch, params)
+    built = current_rss_mib()
+    times = [timed(step) for _ in range(args.mem_steps if args.mode == "train" else 1)]
+    print(json.dumps({"peak_rss_mib": round(peak_rss_mib(), 1), "rss_after_import_mib": base0,
+                      "rss_after_build_mib": built, "step_s": [round(x, 3) for x in times]}))
+
+
+def measure_memory(variant: str, mode: str, size: int, args: argparse.Namespace,
+                   params: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", "--variant", variant, "--mode", mode,
+           "--size", str(size), "--batch", str(args.batch), "--malloc", args.malloc,
+           "--mem-steps", str(args.mem_steps), "--params", json.dumps(params)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ======================================================================================================
+# Main
+# ======================================================================================================
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--malloc", default="glibc", choices=MALLOC_SETTINGS)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0: torch's default); 1 by default: see docs/benchmarks.md, threads")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument("--mem-steps", type=int, default=2, help="training steps of each peak-RSS subprocess (the second holds the AdamW state and activations); "
+                        "denoise: 1")
+    p.add_argument("--quick", action="store_true", help="64x64, batch 2, 3 repeats; no result file")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--params", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_worker:
+        return memory_worker(args)
+    if args.quick:
+        args.sizes, args.batch, args.repeats, args.mem_steps = [64], 2, 3, 1
+    ensure_malloc(args.malloc)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = environment()
+    mon = CpuMonitor()
+    t_start = time.time()
+    params, search, peer_n128 = match_widths()
+    print(f"peer {peer_n128 / 1e6:.2f}M parameters at {MATCH_SIZE}; diffmis widths {params}", flush=True)
+
+    results: list[dict[str, Any]] = []
+    for size in args.sizes:
+        for mode in args.modes:
+            steps: dict[str, Callable[[], Any]] = {}
+            sizes_n: dict[str, int] = {}
+            for v in VARIANTS:
+                steps[v], sizes_n[v] = make_step(v, mode, size, args.batch, params)
+            times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            t_group = time.time()
+            for _ in range(args.warmup):
+                for v in VARIANTS:
+                    timed(steps[v])
+            for rep in range(args.repeats):
+                order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
+                for v in order:
+                    times[v].append(timed(steps[v]))
+                mon.sample()
+                if rep == 0:
+                    per = sum(times[v][0] for v in VARIANTS)
+                    print(f"  {size}px {mode}: {per:.1f} s per repeat, about {per * (args.repeats - 1) / 60:.1f} "
+                          f"min left in this group", flush=True)
+            del steps
+            row: dict[str, Any] = {"size": size, "mode": mode, "batch": args.batch, "variants": {}, "speedup": {}}
+            for v in VARIANTS:
+                s = stats(times[v])
+                row["variants"][v] = {"n_params": sizes_n[v], "step_s": s,
+                                      "images_per_s": round(args.batch / s["median"], 3)}
+            for v in VARIANTS[1:]:
+                row["speedup"][f"{v}_vs_peer_fp32"] = stats(
+                    [a / b for a, b in zip(times["peer_fp32"], times[v])], 3)
+            if not args.no_memory:
+                for v in VARIANTS:
+                    row["variants"][v]["memory"] = measure_memory(v, mode, size, args, params)
+                    mon.sample()
+            row["group_s"] = round(time.time() - t_group, 1)
+            results.append(row)
+            print(f"{size}px {mode}: " + ", ".join(
+                f"{v} {row['variants'][v]['step_s']['median']:.3f} s"
+                + (f" / {row['variants'][v]['memory'].get('peak_rss_mib', float('nan')):.0f} MiB"
+                   if "memory" in row["variants"][v] else "") for v in VARIANTS)
+                + "; speed-up " + ", ".join(f"{k.split('_vs')[0]} x{v['median']:.2f}" for k, v in row["speedup"].items()),
+                flush=True)
+
+    result = {
+        "benchmark": "speed",
+        "settings": {"sizes": args.sizes, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
+                     "modes": args.modes, "malloc": args.malloc, "torch_threads": torch.get_num_threads(), "order": "alternating, rotated every repeat",
+                     "optimizer": f"AdamW lr {LR}", "diffmis_bf16": "torch.autocast(cpu, bfloat16) + channels_last",
+                     "speedup": "peer_fp32 step time / diffmis step time, repeat by repeat",
+                     "memory": "peak RSS of a fresh subprocess running only that configuration "
+                               f"({args.mem_steps} training steps / 1 denoising step), imports included"},
+        "peer": {"package": "med-seg-diff-pytorch", "version": _version("med-seg-diff-pytorch"),
+                 "unet": {**PEER, "dim_mults": list(PEER["dim_mults"]), "image_size": "per size"},
+                 "diffusion": {**PEER_DIFFUSION, "beta_schedule": "cosine", "objective": "pred_noise"},
+                 "n_params_128": peer_n128},
+        "diffmis": {"recipe": "medsegdiff", "params": params, "n_params_128": next(
+            r["n_params"] for r in search if r["params"] == params), "diffusion": "T=1000 cosine eps",
+            "search": search},
+        "results": results,
+        "total_s": round(time.time() - t_start, 1),
+        "environment": env,
+        "load": mon.summary(),
+    }
+    print(json.dumps(result["load"]))
+    if args.quick:
+        print("quick run: no result file written")
+        return
+    write_result(args.out, result)
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+if __name__ == "__main__":
+    main()
