@@ -7,23 +7,17 @@ import os
 import sys
 from typing import Optional, Sequence
 
-# glibc malloc tuning: without it PyTorch on CPU spends much of its time in page faults (see README
-# "Performance"). GLIBC_TUNABLES is read at process start, so the CLI re-executes itself once with it set.
-MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=68719476736"
+# glibc malloc tuning: with glibc's defaults PyTorch on CPU spends much of its time in page faults (every large
+# buffer is mmapped and returned). mallopt() at start keeps freed memory in the heap: measured as fast as
+# GLIBC_TUNABLES set before start (benchmarks/results/malloc.json), without re-executing the process.
 
 
-def _maybe_reexec_with_malloc_tuning(argv: Sequence[str]) -> None:
-    if sys.platform != "linux" or os.environ.get("DIFFMIS_NO_MALLOC_TUNING") or "GLIBC_TUNABLES" in os.environ:
+def _tune_allocator() -> None:
+    if os.environ.get("DIFFMIS_NO_MALLOC_TUNING") or "GLIBC_TUNABLES" in os.environ:
         return
-    if os.environ.get("DIFFMIS_REEXECED"):
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES, DIFFMIS_REEXECED="1")
-    try:
-        os.execve(sys.executable, [sys.executable, "-m", "diffmis", *argv], env)
-    except OSError:
-        return
+    from diffmis.allocator import tune_malloc
 
-
+    tune_malloc()
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -48,8 +42,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in {"train", "quickstart", "predict", "benchmark"}:
-        _maybe_reexec_with_malloc_tuning(argv)
+    _tune_allocator()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "verb", None):
