@@ -23,6 +23,10 @@ One torch thread by default (``--threads``; see docs/benchmarks.md: two spinning
 Peak memory: each (size, mode, variant) also runs alone in a fresh subprocess (two training steps, or one
 denoising step) whose peak RSS (VmHWM; imports included) is reported, with the RSS after building as baseline.
 
+Memory guard: a larger size runs at a halved batch (recorded in its row) when a variant's peak RSS,
+extrapolated from its measurement at the smaller size, would exceed ``--max-gib`` (default 0.6 x MemAvailable):
+the peer's training step needs about 5.4 GiB at 128x128 batch 8, so about 20 GiB at 256x256.
+
 Every process runs with one allocator setting (``--malloc``, default ``glibc``: the tuning the diffmis CLI
 applies, for both implementations). Writes ``benchmarks/results/speed.json``.
 
@@ -33,12 +37,13 @@ applies, for both implementations). Writes ``benchmarks/results/speed.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -208,10 +213,10 @@ def memory_worker(args: argparse.Namespace) -> None:
                       "rss_after_build_mib": built, "step_s": [round(x, 3) for x in times]}))
 
 
-def measure_memory(variant: str, mode: str, size: int, args: argparse.Namespace,
+def measure_memory(variant: str, mode: str, size: int, batch: int, args: argparse.Namespace,
                    params: dict[str, Any]) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", "--variant", variant, "--mode", mode,
-           "--size", str(size), "--batch", str(args.batch), "--malloc", args.malloc,
+           "--size", str(size), "--batch", str(batch), "--malloc", args.malloc,
            "--mem-steps", str(args.mem_steps), "--params", json.dumps(params)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -226,6 +231,31 @@ def measure_memory(variant: str, mode: str, size: int, args: argparse.Namespace,
 # ======================================================================================================
 
 
+def mem_available_mib() -> float:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024.0
+    return float("inf")
+
+
+def group_batch(mode: str, size: int, batch: int, measured: dict[tuple[str, str], dict[str, Any]],
+                budget_mib: float) -> tuple[int, dict[str, float]]:
+    """The batch for (size, mode): ``batch``, halved while a variant's peak RSS, extrapolated from its
+    measurement at a smaller size (activations ~ pixels x batch), would exceed ``budget_mib``."""
+    def estimate(v: str, b: int) -> Optional[float]:
+        m = measured.get((mode, v))
+        if m is None:
+            return None
+        act = max(0.0, m["peak_rss_mib"] - m["rss_after_build_mib"])
+        return m["rss_after_build_mib"] + act * (size * size * b) / (m["size"] ** 2 * m["batch"])
+
+    b = batch
+    while b > 1 and any((e := estimate(v, b)) is not None and e > budget_mib for v in VARIANTS):
+        b //= 2
+    return b, {v: round(e) for v in VARIANTS if (e := estimate(v, batch)) is not None}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
@@ -236,9 +266,13 @@ def main() -> None:
     p.add_argument("--malloc", default="glibc", choices=MALLOC_SETTINGS)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (0: torch's default); 1 by default: see docs/benchmarks.md, threads")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
-    p.add_argument("--mem-steps", type=int, default=2, help="training steps of each peak-RSS subprocess (the second holds the AdamW state and activations); "
-                        "denoise: 1")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses (and the batch guard)")
+    p.add_argument("--mem-steps", type=int, default=2,
+                   help="training steps of each peak-RSS subprocess (the second holds the AdamW state and the "
+                        "activations); denoise: 1")
+    p.add_argument("--max-gib", type=float, default=None,
+                   help="memory budget of one configuration (default: 0.6 x MemAvailable at start); a larger size "
+                        "whose extrapolated peak exceeds it runs at a halved batch (recorded)")
     p.add_argument("--quick", action="store_true", help="64x64, batch 2, 3 repeats; no result file")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
@@ -251,24 +285,58 @@ def main() -> None:
         return memory_worker(args)
     if args.quick:
         args.sizes, args.batch, args.repeats, args.mem_steps = [64], 2, 3, 1
+    args.sizes = sorted(args.sizes)  # the memory guard extrapolates from the smaller sizes
     ensure_malloc(args.malloc)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
+    budget = args.max_gib * 1024 if args.max_gib else 0.6 * mem_available_mib()
+    env["mem_available_mib_start"] = round(mem_available_mib())
     mon = CpuMonitor()
     t_start = time.time()
     params, search, peer_n128 = match_widths()
     print(f"peer {peer_n128 / 1e6:.2f}M parameters at {MATCH_SIZE}; diffmis widths {params}", flush=True)
 
     results: list[dict[str, Any]] = []
+    measured: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def result(complete: bool) -> dict[str, Any]:
+        return {
+            "benchmark": "speed",
+            "complete": complete,
+            "settings": {"sizes": args.sizes, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
+                         "modes": args.modes, "malloc": args.malloc, "torch_threads": torch.get_num_threads(),
+                         "order": "alternating, rotated every repeat", "optimizer": f"AdamW lr {LR}",
+                         "diffmis_bf16": "torch.autocast(cpu, bfloat16) + channels_last",
+                         "speedup": "peer_fp32 step time / diffmis step time, repeat by repeat",
+                         "memory": "peak RSS (VmHWM) of a fresh subprocess running only that configuration "
+                                   f"({args.mem_steps} training steps / 1 denoising step), imports included",
+                         "memory_budget_mib": round(budget)},
+            "peer": {"package": "med-seg-diff-pytorch", "version": _version("med-seg-diff-pytorch"),
+                     "unet": {**PEER, "dim_mults": list(PEER["dim_mults"]), "image_size": "per size"},
+                     "diffusion": {**PEER_DIFFUSION, "beta_schedule": "cosine", "objective": "pred_noise"},
+                     "n_params_128": peer_n128},
+            "diffmis": {"recipe": "medsegdiff", "params": params, "n_params_128": next(
+                r["n_params"] for r in search if r["params"] == params), "diffusion": "T=1000 cosine eps",
+                "search": search},
+            "results": results,
+            "total_s": round(time.time() - t_start, 1),
+            "environment": env,
+            "load": mon.summary(),
+        }
+
     for size in args.sizes:
         for mode in args.modes:
+            batch, est = (args.batch, {}) if args.no_memory else group_batch(mode, size, args.batch, measured, budget)
+            if batch != args.batch:
+                print(f"  {size}px {mode}: batch {batch} instead of {args.batch} (extrapolated peak RSS at batch "
+                      f"{args.batch}: {est} MiB > budget {budget:.0f} MiB)", flush=True)
             steps: dict[str, Callable[[], Any]] = {}
             sizes_n: dict[str, int] = {}
             for v in VARIANTS:
-                steps[v], sizes_n[v] = make_step(v, mode, size, args.batch, params)
+                steps[v], sizes_n[v] = make_step(v, mode, size, batch, params)
             times: dict[str, list[float]] = {v: [] for v in VARIANTS}
             t_group = time.time()
             for _ in range(args.warmup):
@@ -284,52 +352,42 @@ def main() -> None:
                     print(f"  {size}px {mode}: {per:.1f} s per repeat, about {per * (args.repeats - 1) / 60:.1f} "
                           f"min left in this group", flush=True)
             del steps
-            row: dict[str, Any] = {"size": size, "mode": mode, "batch": args.batch, "variants": {}, "speedup": {}}
+            row: dict[str, Any] = {"size": size, "mode": mode, "batch": batch, "variants": {}, "speedup": {}}
+            if batch != args.batch:
+                row["batch_note"] = (f"batch {args.batch} would need about {max(est.values())} MiB (extrapolated "
+                                     f"from the smaller size) > budget {budget:.0f} MiB")
+                row["estimated_peak_rss_mib_at_requested_batch"] = est
             for v in VARIANTS:
                 s = stats(times[v])
                 row["variants"][v] = {"n_params": sizes_n[v], "step_s": s,
-                                      "images_per_s": round(args.batch / s["median"], 3)}
+                                      "images_per_s": round(batch / s["median"], 3)}
             for v in VARIANTS[1:]:
                 row["speedup"][f"{v}_vs_peer_fp32"] = stats(
                     [a / b for a, b in zip(times["peer_fp32"], times[v])], 3)
             if not args.no_memory:
                 for v in VARIANTS:
-                    row["variants"][v]["memory"] = measure_memory(v, mode, size, args, params)
+                    mem = measure_memory(v, mode, size, batch, args, params)
+                    row["variants"][v]["memory"] = mem
+                    if "peak_rss_mib" in mem:
+                        measured[(mode, v)] = {**mem, "size": size, "batch": batch}
                     mon.sample()
             row["group_s"] = round(time.time() - t_group, 1)
             results.append(row)
-            print(f"{size}px {mode}: " + ", ".join(
+            print(f"{size}px {mode} batch {batch}: " + ", ".join(
                 f"{v} {row['variants'][v]['step_s']['median']:.3f} s"
                 + (f" / {row['variants'][v]['memory'].get('peak_rss_mib', float('nan')):.0f} MiB"
                    if "memory" in row["variants"][v] else "") for v in VARIANTS)
                 + "; speed-up " + ", ".join(f"{k.split('_vs')[0]} x{v['median']:.2f}" for k, v in row["speedup"].items()),
                 flush=True)
+            if not args.quick:
+                write_result(args.out, result(False))  # partial: an interrupted run keeps its groups
 
-    result = {
-        "benchmark": "speed",
-        "settings": {"sizes": args.sizes, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
-                     "modes": args.modes, "malloc": args.malloc, "torch_threads": torch.get_num_threads(), "order": "alternating, rotated every repeat",
-                     "optimizer": f"AdamW lr {LR}", "diffmis_bf16": "torch.autocast(cpu, bfloat16) + channels_last",
-                     "speedup": "peer_fp32 step time / diffmis step time, repeat by repeat",
-                     "memory": "peak RSS of a fresh subprocess running only that configuration "
-                               f"({args.mem_steps} training steps / 1 denoising step), imports included"},
-        "peer": {"package": "med-seg-diff-pytorch", "version": _version("med-seg-diff-pytorch"),
-                 "unet": {**PEER, "dim_mults": list(PEER["dim_mults"]), "image_size": "per size"},
-                 "diffusion": {**PEER_DIFFUSION, "beta_schedule": "cosine", "objective": "pred_noise"},
-                 "n_params_128": peer_n128},
-        "diffmis": {"recipe": "medsegdiff", "params": params, "n_params_128": next(
-            r["n_params"] for r in search if r["params"] == params), "diffusion": "T=1000 cosine eps",
-            "search": search},
-        "results": results,
-        "total_s": round(time.time() - t_start, 1),
-        "environment": env,
-        "load": mon.summary(),
-    }
-    print(json.dumps(result["load"]))
+    final = result(True)
+    print(json.dumps(final["load"]))
     if args.quick:
         print("quick run: no result file written")
         return
-    write_result(args.out, result)
+    write_result(args.out, final)
 
 
 def _version(dist: str) -> str:
