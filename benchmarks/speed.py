@@ -21,7 +21,8 @@ by repeat (adjacent steps, so load changes on a shared machine mostly cancel) an
 One torch thread by default (``--threads``; see docs/benchmarks.md: two spinning OpenMP threads on a shared
 2-core machine lose whole scheduler slices whenever another process holds a core).
 Peak memory: each (size, mode, variant) also runs alone in a fresh subprocess (two training steps, or one
-denoising step) whose peak RSS (VmHWM; imports included) is reported, with the RSS after building as baseline.
+denoising step; before the group's timing, with this process's heap released) whose peak RSS (VmHWM; imports
+included) is reported, with the RSS after building as the baseline.
 
 Memory guard: a larger size runs at a halved batch (recorded in its row) when a variant's peak RSS,
 extrapolated from its measurement at the smaller size, would exceed ``--max-gib`` (default 0.6 x MemAvailable):
@@ -231,6 +232,17 @@ def measure_memory(variant: str, mode: str, size: int, batch: int, args: argpars
 # ======================================================================================================
 
 
+def release_heap() -> None:
+    """Collect garbage and hand the free heap back to the OS (glibc ``malloc_trim``): with the glibc tuning a
+    process otherwise keeps its peak. Called between groups only; each group warms up again before timing."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def mem_available_mib() -> float:
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -333,12 +345,20 @@ def main() -> None:
             if batch != args.batch:
                 print(f"  {size}px {mode}: batch {batch} instead of {args.batch} (extrapolated peak RSS at batch "
                       f"{args.batch}: {est} MiB > budget {budget:.0f} MiB)", flush=True)
+            t_group = time.time()
+            release_heap()  # the previous group's heap must not sit beside the subprocesses below
+            memory: dict[str, dict[str, Any]] = {}
+            if not args.no_memory:  # first, so that nothing else holds memory meanwhile
+                for v in VARIANTS:
+                    memory[v] = measure_memory(v, mode, size, batch, args, params)
+                    if "peak_rss_mib" in memory[v]:
+                        measured[(mode, v)] = {**memory[v], "size": size, "batch": batch}
+                    mon.sample()
             steps: dict[str, Callable[[], Any]] = {}
             sizes_n: dict[str, int] = {}
             for v in VARIANTS:
                 steps[v], sizes_n[v] = make_step(v, mode, size, batch, params)
             times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-            t_group = time.time()
             for _ in range(args.warmup):
                 for v in VARIANTS:
                     timed(steps[v])
@@ -364,13 +384,8 @@ def main() -> None:
             for v in VARIANTS[1:]:
                 row["speedup"][f"{v}_vs_peer_fp32"] = stats(
                     [a / b for a, b in zip(times["peer_fp32"], times[v])], 3)
-            if not args.no_memory:
-                for v in VARIANTS:
-                    mem = measure_memory(v, mode, size, batch, args, params)
-                    row["variants"][v]["memory"] = mem
-                    if "peak_rss_mib" in mem:
-                        measured[(mode, v)] = {**mem, "size": size, "batch": batch}
-                    mon.sample()
+            for v, mem in memory.items():
+                row["variants"][v]["memory"] = mem
             row["group_s"] = round(time.time() - t_group, 1)
             results.append(row)
             print(f"{size}px {mode} batch {batch}: " + ", ".join(
