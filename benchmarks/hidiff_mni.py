@@ -101,7 +101,7 @@ def main() -> None:
         "hidiff_beats_segmentor": results["hidiff"]["dice_mean"] > results["segmentor"]["dice_mean"],
         "machine": environment(),
     }
-    write_result(args.result, summary)
+    write_result(Path(args.result), summary)
     print(f"segmentor {results['segmentor']['dice_mean']:.4f}  hidiff prior {results['hidiff_prior']['dice_mean']:.4f}"
           f"  hidiff refined {results['hidiff']['dice_mean']:.4f}")
 

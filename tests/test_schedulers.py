@@ -275,3 +275,25 @@ def test_bernoulli_kl_gradient_finite_at_degenerate_posterior():
     kl.sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(m.grad).all()
     assert kl[2].abs() < 1e-6 and kl[0] > 0 and kl[1] > 0
+
+
+def test_prior_flip_logits_is_bayes_posterior():
+    """Flip probability = P(y0 != y_t | y_t) under y0 ~ B(p), checked by enumeration over y0 in {0, 1}."""
+    sch = BernoulliScheduler(10, "cosine")
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(2, 3, 4, 4, generator=g) * 0.98 + 0.01
+    y_t = (torch.rand(2, 3, 4, 4, generator=g) > 0.5).float()
+    for t in (0, 4, 9):
+        abar = float(sch.alphas_cumprod[t])
+        joint = {}
+        for y0 in (0.0, 1.0):
+            m = abar * y0 + (1 - abar) * p
+            lik = torch.where(y_t > 0.5, m, 1 - m)
+            joint[y0] = (p if y0 == 1.0 else 1 - p) * lik
+        post1 = joint[1.0] / (joint[0.0] + joint[1.0])
+        flip = torch.where(y_t > 0.5, 1 - post1, post1).clamp(1e-4, 1 - 1e-4)
+        got = torch.sigmoid(sch.prior_flip_logits(y_t, p, t))
+        assert torch.allclose(got, flip, atol=1e-5)
+    # nearly pure noise at the last step: y0_hat = |y_t - flip| is the prior itself
+    y0_hat = sch.flip_logits_to_y0(sch.prior_flip_logits(y_t, p, 9), y_t)
+    assert torch.allclose(y0_hat, p, atol=2e-3)

@@ -125,6 +125,9 @@ class DiffusionConfig(_Section):
     prediction: Literal["eps", "x0", "v"] = "eps"
     mask_range: Literal["pm1", "01"] = "pm1"
     learn_sigma: bool = False
+    # HiDiff: add the Bayes flip logits of the prior (BernoulliScheduler.prior_flip_logits) to the refiner's
+    # output, so the refiner learns a correction of the segmentor; false = the authors' plain output
+    prior_residual: bool = True
     focal_lambda: float = Field(1.0, ge=0)
     focal_gamma: float = Field(2.0, ge=0)
 

@@ -281,6 +281,7 @@ class HiDiffMethod(SegmentationMethod):
         *,
         w_diff: float = 0.1,
         focal_lambda: float = 1.0,
+        prior_residual: bool = True,
         default_steps: Optional[int] = None,
         default_sampler: str = "bernoulli_ddim",
     ) -> None:
@@ -292,17 +293,25 @@ class HiDiffMethod(SegmentationMethod):
         self.loss_weights = dict(loss_weights)
         self.w_diff = w_diff
         self.focal_lambda = focal_lambda
+        self.prior_residual = prior_residual
         self.default_steps = default_steps or scheduler.timesteps
         self.default_sampler = default_sampler
 
     def ema_module(self) -> nn.Module:
         return self.refiner
 
+    def flip_logits(self, y_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """Refiner output (B, K, H, W) flip logits, plus the prior's Bayes flip logits when ``prior_residual``."""
+        logits = self.refiner(y_t, t, cond).float()
+        if self.prior_residual:
+            logits = logits + self.scheduler.prior_flip_logits(y_t, cond["prior"].float(), t)
+        return logits
+
     def _bbdm_terms(self, image, mask, prior, features, generator) -> dict[str, torch.Tensor]:
         b = image.shape[0]
         t = _rand_t(b, self.scheduler.timesteps, generator, image.device)
         y_t = self.scheduler.q_sample(mask, prior, t, generator=generator)
-        logits = self.refiner(y_t, t, {"image": image, "prior": prior, "features": features}).float()
+        logits = self.flip_logits(y_t, t, {"image": image, "prior": prior, "features": features})
         return self.scheduler.loss(logits, mask, y_t, prior.float(), t)
 
     def refiner_loss(self, image, mask, step=0, generator=None) -> LossOutput:
@@ -348,7 +357,7 @@ class HiDiffMethod(SegmentationMethod):
         cond = {"image": image, "prior": prior, "features": list(out.features)}
 
         def model_fn(y_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.refiner(y_t, t, cond).float()
+            return self.flip_logits(y_t, t, cond)
 
         s = sampler or self.default_sampler
         if s not in ("bernoulli", "bernoulli_ddim"):
@@ -434,7 +443,7 @@ def build(cfg: Config) -> SegmentationMethod:
                                    focal_gamma=cfg.diffusion.focal_gamma)
         sampler = cfg.sample.sampler if cfg.sample.sampler in ("bernoulli", "bernoulli_ddim") else "bernoulli_ddim"
         return HiDiffMethod(seg, refiner, sched, k, weights, w_diff=cfg.train.w_diff,
-                            focal_lambda=cfg.diffusion.focal_lambda,
+                            focal_lambda=cfg.diffusion.focal_lambda, prior_residual=cfg.diffusion.prior_residual,
                             default_steps=min(cfg.sample.steps, cfg.diffusion.timesteps), default_sampler=sampler)
 
     raise ConfigError(f"unknown recipe '{recipe}'")

@@ -177,6 +177,29 @@ class BernoulliScheduler:
         return bernoulli_posterior(y_t, y0, p, abar_t / abar_prev, abar_prev)
 
     # ---------------------------------------------------------------- parameterisation and reverse steps
+    def prior_flip_logits(self, y_t: torch.Tensor, p: torch.Tensor, t: Timestep, eps: float = 1e-4) -> torch.Tensor:
+        """Flip logits of the Bayes posterior that assumes ``y_0 ~ B(p)``: the refiner's starting point.
+
+        With ``q(y_t | y_0, p) = B(abar_t y_0 + (1 - abar_t) p)`` (METHODS 5.3.1) and the prior ``y_0 ~ B(p)``,
+        ``P(y_0 = 1 | y_t) = p l_1 / (p l_1 + (1 - p) l_0)`` where ``l_k = q(y_t | y_0 = k, p)``; the flip
+        probability is ``P(y_0 != y_t | y_t)``. Added to the network's output (``diffusion.prior_residual``),
+        an untrained refiner already returns the segmentor's answer (``y0_hat -> p`` at large t, ``-> y_t`` at
+        small t) and training learns the correction.
+
+        Args:
+            y_t: (B, K, H, W) in {0, 1}. p: (B, K, H, W) prior in [0, 1]. t: int or (B,) int64.
+        Returns:
+            (B, K, H, W) logits, clamped to probabilities in [eps, 1 - eps].
+        """
+        abar = self._abar(t, y_t)
+        q1 = abar + (1.0 - abar) * p  # P(y_t = 1 | y_0 = 1)
+        q0 = (1.0 - abar) * p  # P(y_t = 1 | y_0 = 0)
+        l1 = y_t * q1 + (1.0 - y_t) * (1.0 - q1)
+        l0 = y_t * q0 + (1.0 - y_t) * (1.0 - q0)
+        post1 = p * l1 / (p * l1 + (1.0 - p) * l0).clamp_min(1e-12)
+        flip = (y_t * (1.0 - post1) + (1.0 - y_t) * post1).clamp(eps, 1.0 - eps)
+        return torch.log(flip) - torch.log1p(-flip)
+
     @staticmethod
     def flip_logits_to_y0(flip_logits: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
         """``y0_hat = |y_t - sigmoid(flip_logits)|`` (METHODS 5.3.3), computed as ``sigmoid((1 - 2 y_t) logits)``.
