@@ -33,6 +33,7 @@ applies, for both implementations). Writes ``benchmarks/results/speed.json``.
 
     flock /tmp/diffmis-bench.lock .venv/bin/python benchmarks/speed.py
     .venv/bin/python benchmarks/speed.py --quick      # smoke test: 64x64, batch 2, 3 repeats, no file
+    flock /tmp/diffmis-bench.lock .venv/bin/python benchmarks/speed.py --resume   # finish an interrupted run
 """
 
 from __future__ import annotations
@@ -287,6 +288,8 @@ def main() -> None:
                         "whose extrapolated peak exceeds it runs at a halved batch (recorded)")
     p.add_argument("--quick", action="store_true", help="64x64, batch 2, 3 repeats; no result file")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished groups of an interrupted run in --out (same settings) and run the rest")
     p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
@@ -313,6 +316,22 @@ def main() -> None:
 
     results: list[dict[str, Any]] = []
     measured: dict[tuple[str, str], dict[str, Any]] = {}
+    earlier: dict[str, Any] = {}
+    if args.resume and args.out.is_file():
+        earlier = json.loads(args.out.read_text())
+        same = ("batch", "repeats", "warmup", "malloc", "torch_threads")
+        mismatch = [k for k in same if earlier["settings"].get(k) != {
+            "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup, "malloc": args.malloc,
+            "torch_threads": torch.get_num_threads()}[k]]
+        if mismatch or earlier["diffmis"]["params"] != params:
+            raise SystemExit(f"--resume: {args.out} was run with other settings ({mismatch or 'diffmis params'})")
+        results.extend(r for r in earlier["results"] if r["size"] in args.sizes and r["mode"] in args.modes)
+        for r in results:
+            for v, row in r["variants"].items():
+                if "peak_rss_mib" in row.get("memory", {}):
+                    measured[(r["mode"], v)] = {**row["memory"], "size": r["size"], "batch": r["batch"]}
+        print(f"resuming: kept {[(r['size'], r['mode']) for r in results]} from {args.out}", flush=True)
+    done = {(r["size"], r["mode"]) for r in results}
 
     def result(complete: bool) -> dict[str, Any]:
         return {
@@ -337,10 +356,14 @@ def main() -> None:
             "total_s": round(time.time() - t_start, 1),
             "environment": env,
             "load": mon.summary(),
+            **({"resumed_from": {"environment": earlier["environment"], "load": earlier["load"],
+                                 "total_s": earlier["total_s"], "groups": sorted(done)}} if earlier else {}),
         }
 
     for size in args.sizes:
         for mode in args.modes:
+            if (size, mode) in done:
+                continue
             batch, est = (args.batch, {}) if args.no_memory else group_batch(mode, size, args.batch, measured, budget)
             if batch != args.batch:
                 print(f"  {size}px {mode}: batch {batch} instead of {args.batch} (extrapolated peak RSS at batch "
