@@ -406,6 +406,9 @@ def build(cfg: Config) -> SegmentationMethod:
     if recipe in _GAUSSIAN_RECIPES:
         if cfg.diffusion.kind != "gaussian":
             raise ConfigError(f"recipe '{recipe}' needs diffusion.kind='gaussian', got '{cfg.diffusion.kind}'")
+        if cfg.diffusion.learn_sigma:
+            raise ConfigError("diffusion.learn_sigma=true (the learned-variance VLB term) is not implemented yet; "
+                              "use the default false")
         sched = GaussianScheduler(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.prediction,
                                   cfg.diffusion.mask_range)
         params = dict(cfg.model.params)
