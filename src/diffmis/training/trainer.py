@@ -407,8 +407,10 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
     if info.is_main and tc.progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=tc.max_steps, initial=step, desc=f"train {cfg.experiment.recipe}", unit="step",
-                        dynamic_ncols=True)
+        budget = tc.max_minutes is not None
+        # a time budget ends the run, not max_steps: show the minutes instead of an ETA to max_steps
+        progress = tqdm(total=None if budget else tc.max_steps, initial=step, unit="step", dynamic_ncols=True,
+                        desc=f"train {cfg.experiment.recipe}" + (f" ({tc.max_minutes:g} min budget)" if budget else ""))
     window: dict[str, float] = {}
     window_n, window_imgs, window_t = 0, 0, time.time()
     total_imgs, loop_t0, start_step = 0, time.time(), step
