@@ -103,7 +103,7 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 6.0, seed: i
     report = write_report(run_dir)
     seconds = time.time() - t0
     log("")
-    log(f"{'method':<12}{'Dice (GM+WM mean)':>20}{'NFE/image':>12}{'s/image':>10}")
+    log(f"{'method':<12}{'Dice (GM+WM mean)':>20}{'NFE/sample':>12}{'s/image':>10}")
     for name in ("segmentor", "hidiff"):
         tm = timings[name]
         log(f"{name:<12}{dice[name]:>20.4f}{(tm['nfe_per_image'] or 0):>12.0f}{(tm['seconds_per_image'] or 0):>10.3f}")
