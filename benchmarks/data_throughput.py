@@ -18,8 +18,9 @@ average), torch version and git commit. The machine may be shared: the load aver
 
 from __future__ import annotations
 
+import sys
+
 import argparse
-import contextlib
 import os
 import platform
 import subprocess
@@ -33,17 +34,12 @@ from diffmis.config import DataConfig
 from diffmis.data import build_dataset
 from diffmis.utils import write_json
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402  (shared benchmark helpers)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "data_throughput.json"
 DEFAULT_DATA = Path(os.environ.get("DIFFMIS_SHARED_DATA") or ROOT.parent / "shared" / "data") / "kvasir-seg"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def git_commit() -> str:

@@ -36,6 +36,9 @@ from torch import nn
 import diffmis.models  # noqa: F401  (fills the registries)
 from diffmis.registry import MODELS, SEGMENTORS
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402  (shared benchmark helpers)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "models_table.json"
 DOC = ROOT / "docs" / "models.md"
@@ -47,14 +50,6 @@ MODES = ("fp32", "fp32_cl", "bf16_cl")
 # ======================================================================================================
 # Environment
 # ======================================================================================================
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def git_commit() -> str:
