@@ -27,6 +27,7 @@ __all__ = [
     "check_spatial_size",
     "resize_to",
     "group_norm",
+    "GroupNorm",
     "LayerNorm2d",
     "timestep_embedding",
     "TimeEmbedding",
@@ -74,13 +75,64 @@ def resize_to(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+class _GroupNormNCHW(torch.autograd.Function):
+    """``F.group_norm`` of a channels-last map computed on its NCHW copy, forward and backward.
+
+    The CPU GroupNorm backward kernel is far slower on channels-last tensors than on contiguous ones (about 30x
+    in bfloat16, 4x in float32 at ``(8, 32, 128, 128)``), so a channels-last input, the saved input and the
+    incoming gradient are made contiguous around the ATen kernels; the output and the input gradient are handed
+    back channels-last. Same kernels, same math: only the memory layout differs.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight, bias, groups: int, eps: float) -> Tensor:
+        n, c = x.shape[:2]
+        hw = x.numel() // max(1, n * c)
+        xc = x.contiguous()
+        y, mean, rstd = torch.ops.aten.native_group_norm(xc, weight, bias, n, c, hw, groups, eps)
+        ctx.save_for_backward(xc, weight, mean, rstd)
+        ctx.shape = (n, c, hw, groups)
+        return y.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        xc, weight, mean, rstd = ctx.saved_tensors
+        n, c, hw, groups = ctx.shape
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+            grad_out.contiguous(), xc, mean, rstd, weight, n, c, hw, groups,
+            [need_x, need_w and weight is not None, need_b and weight is not None],
+        )
+        if gx is not None:
+            gx = gx.contiguous(memory_format=torch.channels_last)
+        return gx, gw, gb, None, None
+
+
+class GroupNorm(nn.GroupNorm):
+    """:class:`torch.nn.GroupNorm` (same parameters and result) with a fast path for channels-last 4-D inputs.
+
+    A channels-last input is normalised on an NCHW copy (:class:`_GroupNormNCHW`): the CPU GroupNorm backward
+    is many times slower in channels-last. Double backward is not supported on that path.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            x.dim() == 4
+            and x.device.type == "cpu"
+            and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return _GroupNormNCHW.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
 def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
     """GroupNorm with the largest group count ``<= max_groups`` that divides ``channels`` (works for tiny widths)."""
     groups = max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
+    return GroupNorm(groups, channels)
 
 
-class LayerNorm2d(nn.GroupNorm):
+class LayerNorm2d(GroupNorm):
     """Layer norm over ``(C, H, W)`` of each sample with a per-channel affine map (= ``GroupNorm(1, C)``)."""
 
     def __init__(self, channels: int) -> None:
