@@ -70,6 +70,13 @@ def test_config_validates_and_builds(name):
         assert size is not None and size[0] % method_multiple(method) == 0
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_kvasir_128_variant_is_one_override(recipe):
+    """The documented cheaper variant, --set data.image_size=128, validates and builds as it stands."""
+    cfg = load_config(CONFIGS / f"{recipe}_kvasir.yaml", ["data.image_size=128"])
+    assert cfg.data.image_size == (128, 128) and 128 % method_multiple(build(cfg)) == 0
+
+
 def method_multiple(method: torch.nn.Module) -> int:
     return max([getattr(m, "size_multiple", 1) for m in method.modules()])
 
