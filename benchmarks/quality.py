@@ -116,13 +116,16 @@ def run_diffmis(method: str, dataset: str, root: Path, args, work: Path) -> dict
             "precision": cfg.train.precision, "batch_size": cfg.train.batch_size}
 
 
-def predict_diffmis(info: dict[str, Any], images: list[Path], pred_dir: Path) -> dict[str, Any]:
-    pred = Predictor.from_run(info["run_dir"], checkpoint="last")
+def predict_diffmis(info: dict[str, Any], images: list[Path], pred_dir: Path, **kw: Any) -> dict[str, Any]:
+    """Predict with the run's default sampler (``kw``: Predictor overrides, e.g. ensemble or prior_only)."""
+    pred = Predictor.from_run(info["run_dir"], checkpoint="last", **kw)
     t0 = time.time()
     s = predict_paths(pred, images, pred_dir, overwrite=True, progress=False)
     if s.failed:
         raise RuntimeError(f"prediction failed: {s.failed}")
-    return {"nfe_per_image": s.nfe_per_image, "seconds_per_image": (time.time() - t0) / len(images)}
+    return {"nfe_per_image": s.nfe_per_image, "seconds_per_image": (time.time() - t0) / len(images),
+            "predict_settings": {"sampler": pred.sampler, "steps": pred.steps, "ensemble": pred.ensemble,
+                                 "fuse": pred.fuse, "start_step": pred.start_step, **kw}}
 
 
 # ---- the lucidrains peer ---------------------------------------------------------------------------------
@@ -163,14 +166,17 @@ def run_peer(dataset: str, root: Path, args, work: Path, images: list[Path], pre
     diffusion.eval()
     pred_dir.mkdir(parents=True, exist_ok=True)
     t1 = time.time()
-    for path in images:
-        raw = read_image(path)
-        h, w = raw.shape[-2:]
-        x = torch.from_numpy(resize_image(normalize_intensity(raw, "minmax"), (size, size)))[None].float()
+    for start in range(0, len(images), 8):  # batches of 8, like diffmis's sample.batch_size
+        chunk = images[start:start + 8]
+        raws = [read_image(p) for p in chunk]
+        x = torch.stack([torch.from_numpy(resize_image(normalize_intensity(r, "minmax"), (size, size))).float()
+                         for r in raws])
         with torch.no_grad():
-            prob = diffusion.sample(x).float()
-        prob = torch.nn.functional.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)
-        Image.fromarray(((prob[0, 0] > 0.5).numpy() * 255).astype(np.uint8)).save(pred_dir / f"{path.stem}.png")
+            probs = diffusion.sample(x).float()
+        for path, raw, prob in zip(chunk, raws, probs):
+            h, w = raw.shape[-2:]
+            prob = torch.nn.functional.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)
+            Image.fromarray(((prob[0, 0] > 0.5).numpy() * 255).astype(np.uint8)).save(pred_dir / f"{path.stem}.png")
     return {"steps": steps, "images_seen": steps * 8, "train_seconds": train_s,
             "params": sum(p.numel() for p in unet.parameters()), "sampler": "ddim", "sample_steps": args.peer_steps,
             "nfe_per_image": args.peer_steps, "seconds_per_image": (time.time() - t1) / len(images),
@@ -187,7 +193,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/diffmis_quality")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N cases (smoke runs)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (every method gets the same)")
+    ap.add_argument("--ensemble", type=int, default=None,
+                    help="ensemble members at prediction (default: each config's sample.ensemble)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.dataset == "kvasir" and args.size is None:
         args.size = 128
     methods = args.methods or (METHODS if args.dataset == "kvasir" else METHODS[:-1])
@@ -220,16 +230,24 @@ def main() -> None:
             info = run_peer(args.dataset, root, args, work, images, pred_dir)
         else:
             info = run_diffmis(m, args.dataset, root, args, work)
-            info.update(predict_diffmis(info, images, pred_dir))
+            kw = {} if args.ensemble is None else {"ensemble": args.ensemble}
+            info.update(predict_diffmis(info, images, pred_dir, **kw))
         info.update(score(pred_dir, ref_dir, fov_dir, k, work / "eval" / m))
         results[m] = info
+        if m in ("hidiff", "pd_ddpm"):  # the co-trained segmentor alone: what the diffusion adds to it
+            name = f"{m}_segmentor"
+            seg = {"run_dir": info["run_dir"], "steps": info["steps"], "params": info["params"]}
+            seg.update(predict_diffmis(seg, images, work / "pred" / name, prior_only=True))
+            seg.update(score(work / "pred" / name, ref_dir, fov_dir, k, work / "eval" / name))
+            results[name] = seg
+            print(f"{name}: Dice {seg['dice_mean']:.4f} +- {seg['dice_std']:.4f}", flush=True)
         print(f"{m}: Dice {info['dice_mean']:.4f} +- {info['dice_std']:.4f}, steps {info['steps']}, "
               f"NFE {info['nfe_per_image']}, {info['seconds_per_image']:.3f} s/image", flush=True)
         write_result(out_json, {
             "benchmark": "quality", "dataset": args.dataset, "eval_split": EVAL_SPLIT[args.dataset],
             "command": " ".join(["python", *sys.argv]),
             "settings": {"minutes": args.minutes, "size": args.size, "seed": args.seed, "limit": args.limit,
-                         "peer_steps": args.peer_steps},
+                         "peer_steps": args.peer_steps, "threads": args.threads, "ensemble": args.ensemble},
             "results": results, "machine": environment()})
 
 

@@ -1,6 +1,7 @@
 """Ensembles: fusion rules on hand-made samples, uncertainty maps, one batched network call per step."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,30 @@ def test_ensemble_multiclass_mask_is_argmax_label_map():
                            generator=gen(2), steps=2)
     assert res.probability.shape == (1, 3, 6, 6) and res.mask.shape == (1, 6, 6)
     assert torch.equal(res.mask, res.probability.argmax(1))
+
+
+@pytest.mark.parametrize("recipe", ["hidiff", "medsegdiff_v2", "pd_ddpm"])
+def test_members_run_the_segmentor_once_per_image_and_match_the_repeated_batch(recipe):
+    """Methods take ``members=n``: the prior / condition segmentor sees B images (not B*n), and the samples are
+    the ones the plain repeated batch gives with the same generator."""
+    from _tiny import tiny_config
+
+    from diffmis.config import Config
+    from diffmis.diffusion import build
+
+    cfg = Config.model_validate(tiny_config(recipe, Path("/tmp")))
+    method = build(cfg).eval()
+    seg = {"hidiff": lambda: method.segmentor, "pd_ddpm": lambda: method.prior,
+           "medsegdiff_v2": lambda: method.denoiser.segmentor}[recipe]()
+    seen: list[int] = []
+    hook = seg.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    image = torch.rand(2, 1, 32, 32)
+    kw = {"steps": 3} if recipe != "pd_ddpm" else {"steps": 3, "start_step": 20}
+    with torch.no_grad():
+        res = ensemble_predict(method, image, n=4, keep_samples=True, generator=torch.Generator().manual_seed(1),
+                               **kw)
+        assert seen == [2], seen
+        plain = method.sample(image.repeat_interleave(4, 0), generator=torch.Generator().manual_seed(1), **kw)
+    hook.remove()
+    assert res.samples.shape == (4, 2, 1, 32, 32)
+    torch.testing.assert_close(res.samples.transpose(0, 1).reshape(8, 1, 32, 32), plain.probs, atol=1e-5, rtol=0)

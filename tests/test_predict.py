@@ -127,8 +127,8 @@ def test_sliding_window_returns_native_size(runs, monkeypatch):
 
 
 def test_uncertainty_matches_ensemble_and_one_batch(runs, monkeypatch):
-    """Variance and entropy (bits) are ensemble.py's; the members and the prior go through one sampler batch, the
-    prior repeated image-major like ensemble.py's repeat_interleave."""
+    """Variance and entropy (bits) are ensemble.py's; the members and the prior go through one sampler call (the
+    method gets the B images with members=n and repeats the prior image-major inside)."""
     p = Predictor.from_run(runs["pd"], ensemble=3)
     results, sample_calls = [], []
     real_ep, real_sample = inference.ensemble_predict, type(p.method).sample
@@ -138,7 +138,7 @@ def test_uncertainty_matches_ensemble_and_one_batch(runs, monkeypatch):
         return results[-1]
 
     def spy_sample(self, image, **k):
-        sample_calls.append((image.shape[0], k.get("init")))
+        sample_calls.append((image.shape[0] * k.get("members", 1), k.get("init")))
         return real_sample(self, image, **k)
 
     monkeypatch.setattr(inference, "ensemble_predict", spy_ep)
@@ -158,8 +158,11 @@ def test_uncertainty_matches_ensemble_and_one_batch(runs, monkeypatch):
     out = p.predict_batch([_grey(32, 32, 1), _grey(32, 32, 2)], ["a", "b"], [zeros, ones])
     assert len(out) == 2 and len(sample_calls) == 1
     batch, init = sample_calls[0]
-    assert batch == 6 and init.shape == (6, 1, 32, 32)
-    assert [float(v) for v in init.mean(dim=(1, 2, 3))] == [0, 0, 0, 1, 1, 1]
+    assert batch == 6 and init.shape == (2, 1, 32, 32)
+    assert [float(v) for v in init.mean(dim=(1, 2, 3))] == [0, 1]
+    from diffmis.diffusion import repeat_members
+
+    assert [float(v) for v in repeat_members(init, 3).mean(dim=(1, 2, 3))] == [0, 0, 0, 1, 1, 1]
 
     # a resized input: maps come back at the input's size
     r = p.predict_array(_grey(45, 61, 3), "c")

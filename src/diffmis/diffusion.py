@@ -73,11 +73,29 @@ def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.
     return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
 
+def repeat_members(obj: Any, n: int) -> Any:
+    """Repeat every tensor in ``obj`` (a tensor, or lists / tuples / dicts of them) ``n`` times along the batch,
+    image-major (``repeat_interleave``), the order :func:`diffmis.ensemble.ensemble_predict` expects."""
+    if n == 1:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.repeat_interleave(n, dim=0)
+    if isinstance(obj, dict):
+        return {k: repeat_members(v, n) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(repeat_members(v, n) for v in obj)
+    return obj
+
+
 class SegmentationMethod(nn.Module):
-    """Base class: ``loss(image, mask, step)`` for training and ``sample(image, ...)`` for inference."""
+    """Base class: ``loss(image, mask, step)`` for training and ``sample(image, ...)`` for inference.
+
+    ``sample(image, members=n)`` returns ``B * n`` samples (image-major): once-per-image work runs on the B
+    images and is repeated, so ensembles do not pay it n times."""
 
     recipe: str = ""
     num_classes: int
+    supports_members: bool = True
     #: sampler and steps used when ``sample`` is called without them
     default_sampler: str = "direct"
 
@@ -126,10 +144,11 @@ class SegmentorMethod(SegmentationMethod):
         return _compose(segmentation_loss_terms(out.logits, mask), self.loss_weights, {"dice": 1.0, "ce": 1.0})
 
     @torch.no_grad()
-    def sample(self, image: torch.Tensor, **kwargs: Any) -> SampleOutput:
-        """Probabilities (B, K, H, W) in [0, 1]; extra sampler arguments are ignored (one forward pass)."""
+    def sample(self, image: torch.Tensor, *, members: int = 1, **kwargs: Any) -> SampleOutput:
+        """Probabilities (B * members, K, H, W) in [0, 1]; extra sampler arguments are ignored (one forward
+        pass; the members are identical)."""
         logits = self.segmentor(image).logits.float()
-        return SampleOutput(probs=probabilities(logits), nfe=1)
+        return SampleOutput(probs=repeat_members(probabilities(logits), members), nfe=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,14 +243,15 @@ class GaussianMethod(SegmentationMethod):
         init: Optional[torch.Tensor] = None,
         start_step: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        members: int = 1,
         **_: Any,
     ) -> SampleOutput:
-        """Sample masks for ``image`` (B, C, H, W).
+        """Sample ``members`` masks per image for ``image`` (B, C, H, W) (B * members samples, image-major).
 
         Args:
             steps: reverse steps (over [0, T) or over [0, T') with a PD-DDPM start).
-            init: (B, K, H, W) prior mask in [0, 1] for the PD-DDPM start; taken from the method's own prior
-                segmentor (thresholded) when None and a start step is set.
+            init: (B, K, H, W) or (B * members, K, H, W) prior mask in [0, 1] for the PD-DDPM start; taken from
+                the method's own prior segmentor (thresholded, once per image) when None and a start step is set.
             start_step: T' in 1..T; None uses the method default (pure noise when that is None too).
         Returns:
             SampleOutput with probabilities (B, K, H, W) in [0, 1] and the NFE (prior pass counted).
@@ -243,8 +263,10 @@ class GaussianMethod(SegmentationMethod):
             extra_nfe = 1
             init = (p > 0.5).float() if p.shape[1] == 1 else torch.nn.functional.one_hot(
                 p.argmax(1), p.shape[1]).permute(0, 3, 1, 2).float()
-        cond = self.denoiser.condition(image)
-        shape = (image.shape[0], self.num_classes, *image.shape[2:])
+        if init is not None and init.shape[0] == image.shape[0]:
+            init = repeat_members(init, members)
+        cond = repeat_members(self.denoiser.condition(image), members)  # V2: its segmentor once per image
+        shape = (image.shape[0] * members, self.num_classes, *image.shape[2:])
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.denoiser(x_t, t, cond).float()
@@ -349,12 +371,15 @@ class HiDiffMethod(SegmentationMethod):
         steps: Optional[int] = None,
         sampler: Optional[str] = None,
         generator: Optional[torch.Generator] = None,
+        members: int = 1,
         **_: Any,
     ) -> SampleOutput:
-        """Refined probabilities (B, K, H, W) in [0, 1]; NFE counts the segmentor pass."""
+        """Refined probabilities (B * members, K, H, W) in [0, 1], image-major; the segmentor runs once per image
+        (its prior and features are repeated for the members); NFE counts that pass."""
         out = self.segmentor(image)
         prior = probabilities(out.logits.float())
-        cond = {"image": image, "prior": prior, "features": list(out.features)}
+        cond = repeat_members({"image": image, "prior": prior, "features": list(out.features)}, members)
+        prior = cond["prior"]
 
         def model_fn(y_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.flip_logits(y_t, t, cond)

@@ -148,6 +148,10 @@ def ensemble_predict(
 ) -> EnsembleResult:
     """Sample ``n`` segmentations per image in one batched sampler call, fuse them, and map their uncertainty.
 
+    A method with ``supports_members = True`` (every ``diffmis.diffusion`` method) gets the un-repeated image and
+    ``members=n``: it runs its once-per-image parts (a prior segmentor, a condition encoder) on B images and
+    repeats their outputs, so an n-member ensemble does not pay n segmentor passes.
+
     The image batch is repeated with ``repeat_interleave``: the sampler batch is ordered image-major,
     ``[img0 member0, img0 member1, ..., img0 member(n-1), img1 member0, ...]``, so ``B * n`` masks go through the
     network together at every step (the NFE is that of one sample). A tensor ``init`` in ``sample_kwargs`` (a
@@ -171,6 +175,10 @@ def ensemble_predict(
     if n < 1:
         raise ConfigError(f"sample.ensemble must be >= 1, got {n}")
     batch = image.shape[0]
+    if getattr(method, "supports_members", False):
+        # the method repeats internally after its once-per-image work (segmentor prior, condition encoder)
+        out = method.sample(image, members=n, generator=generator, **sample_kwargs)
+        return _ensemble_result(out, batch, n, fuse, threshold, keep_samples)
     image_rep = image.repeat_interleave(n, dim=0)
     init = sample_kwargs.get("init")
     if isinstance(init, torch.Tensor) and n > 1:
@@ -179,6 +187,11 @@ def ensemble_predict(
         elif init.shape[0] != batch * n:
             raise ValueError(f"init has batch {init.shape[0]}; expected {batch} (or {batch * n}, already repeated)")
     out = method.sample(image_rep, generator=generator, **sample_kwargs)
+    return _ensemble_result(out, batch, n, fuse, threshold, keep_samples)
+
+
+def _ensemble_result(out: Any, batch: int, n: int, fuse: FuseMethod, threshold: float,
+                     keep_samples: bool) -> EnsembleResult:
     probs = out.probs
     if probs.shape[0] != batch * n:
         raise ValueError(f"method.sample returned {probs.shape[0]} samples for a batch of {batch * n}")
