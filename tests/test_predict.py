@@ -417,3 +417,19 @@ def test_find_inputs_groups_nnunet_channels_and_rejects_clashes(tmp_path):
         find_inputs(tmp_path / "missing")
     with pytest.raises(InputError, match="would overwrite it"):
         predict_paths(None, [InputCase("s", "image", (tmp_path / "x" / "s.png",))], tmp_path / "x")  # type: ignore
+
+
+def test_start_step_zero_samples_from_pure_noise(runs, monkeypatch):
+    """start_step=0 on a PD-DDPM run: no prior pass, the whole chain from noise (NFE = steps), and the method
+    is told so (not silently given its default T')."""
+    p = Predictor.from_run(runs["pd"], start_step=0, steps=3, ensemble=1)
+    assert p.start_step is None and p.pure_noise
+    seen = []
+    real = type(p.method).sample
+    monkeypatch.setattr(type(p.method), "sample",
+                        lambda self, image, **k: (seen.append(k.get("start_step")), real(self, image, **k))[1])
+    r = p.predict_array(_grey(32, 32, 1), "a")
+    assert seen == [0] and r.nfe == 3
+    monkeypatch.undo()
+    pd = Predictor.from_run(runs["pd"], steps=3, ensemble=1)
+    assert pd.start_step is not None and pd.predict_array(_grey(32, 32, 1), "a").nfe == 4  # prior pass + 3

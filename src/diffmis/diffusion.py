@@ -252,11 +252,14 @@ class GaussianMethod(SegmentationMethod):
             steps: reverse steps (over [0, T) or over [0, T') with a PD-DDPM start).
             init: (B, K, H, W) or (B * members, K, H, W) prior mask in [0, 1] for the PD-DDPM start; taken from
                 the method's own prior segmentor (thresholded, once per image) when None and a start step is set.
-            start_step: T' in 1..T; None uses the method default (pure noise when that is None too).
+            start_step: T' in 1..T; 0 = the full chain from pure noise; None uses the method default (pure noise
+                when that is None too).
         Returns:
             SampleOutput with probabilities (B, K, H, W) in [0, 1] and the NFE (prior pass counted).
         """
         start = start_step if start_step is not None else self.default_start_step
+        if start == 0:  # explicit request for the full chain from pure noise
+            start, init = None, None
         extra_nfe = 0
         if start is not None and init is None:
             p = self.prior_probs(image)

@@ -147,6 +147,10 @@ class Predictor:
         if start_step is not None and self.kind != "gaussian":
             raise ConfigError(f"a start step (PD-DDPM start) needs a Gaussian diffusion run; this run is {recipe}")
         self.start_step = start_step if start_step is not None else getattr(method, "default_start_step", None)
+        # start_step=0: the full chain from pure noise, even for a run whose default is a PD-DDPM start
+        self.pure_noise = start_step == 0
+        if self.pure_noise:
+            self.start_step = None
         timesteps = getattr(getattr(method, "scheduler", None), "timesteps", None)
         if self.start_step is not None and timesteps is not None and not 1 <= self.start_step <= timesteps:
             raise ConfigError(f"start step {self.start_step} is outside 1..{timesteps} (diffusion.timesteps)")
@@ -288,7 +292,9 @@ class Predictor:
         extra_nfe = 0
         if self.kind == "gaussian":
             kw["eta"] = self.eta
-            if self.start_step is not None:
+            if self.pure_noise:
+                kw["start_step"] = 0
+            elif self.start_step is not None:
                 if x.shape[1] > c:  # prior channels carried with the image (resized / windowed alike)
                     init = (x[:, c:] > 0.5).float()
                 else:  # the method's own pre-segmentation, once per image (not once per member)

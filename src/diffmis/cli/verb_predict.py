@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior", default=None,
                    help="PD-DDPM start: a run folder (e.g. a segmentor) whose masks start the chain, or a folder "
                         "of prior masks named like the outputs (<id>.png / <id>.nii.gz)")
-    p.add_argument("--start-step", type=int, default=None, help="PD-DDPM start step T' (1..T)")
+    p.add_argument("--start-step", type=int, default=None,
+                   help="PD-DDPM start step T' (1..T); 0 runs the full chain from pure noise")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images / slices / sliding windows per network batch (default: the run's sample.batch_size)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
