@@ -92,17 +92,22 @@ def score(pred_dir: Path, ref_dir: Path, fov_dir: Optional[Path], k: int, out_di
             "foreground_mean": {k2: float(v) for k2, v in fg.items()}}
 
 
-def run_diffmis(method: str, dataset: str, root: Path, args, work: Path) -> dict[str, Any]:
+def run_diffmis(method: str, dataset: str, root: Path, args, work: Path, *, name: Optional[str] = None,
+                extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train ``configs/<method>_<dataset>.yaml`` for ``args.minutes`` into ``work/runs/<name>`` (``extra``: more
+    ``--set`` overrides, e.g. an ablation switch)."""
+    name = name or method
     cfg_file = REPO / "configs" / f"{method}_{dataset}.yaml"
-    overrides = [f"experiment.output_dir={work / 'runs'}", f"experiment.name={method}", f"data.root={root}",
+    overrides = [f"experiment.output_dir={work / 'runs'}", f"experiment.name={name}", f"data.root={root}",
                  f"train.max_minutes={args.minutes}", "train.max_steps=100000000", "train.val_every=0",
                  "train.progress=false", f"experiment.seed={args.seed}"]
     if args.size and dataset == "kvasir":
         overrides.append(f"data.image_size=[{args.size}, {args.size}]")
     if dataset == "mni":
         overrides += ["data.kind=folder"]
+    overrides += list(extra)
     cfg = load_config(cfg_file, overrides)
-    run_dir = work / "runs" / method
+    run_dir = work / "runs" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)
     t0 = time.time()
@@ -113,7 +118,7 @@ def run_diffmis(method: str, dataset: str, root: Path, args, work: Path) -> dict
             "train_seconds": train_s, "params": n_params, "run_dir": str(run_dir),
             "sampler": cfg.sample.sampler, "sample_steps": cfg.sample.steps, "ensemble": cfg.sample.ensemble,
             "start_step": cfg.sample.start_step, "image_size": cfg.data.image_size, "patch_size": cfg.data.patch_size,
-            "precision": cfg.train.precision, "batch_size": cfg.train.batch_size}
+            "precision": cfg.train.precision, "batch_size": cfg.train.batch_size, "overrides": list(extra)}
 
 
 def predict_diffmis(info: dict[str, Any], images: list[Path], pred_dir: Path, **kw: Any) -> dict[str, Any]:

@@ -233,6 +233,8 @@ class Predictor:
                 seg = getattr(method, "prior", None)
             if seg is None:
                 raise CheckpointError(f"{run} ({cfg.experiment.recipe}) has no segmentor to predict with alone")
+            if kwargs.get("ensemble") is None:  # one deterministic forward pass: members would be identical
+                kwargs["ensemble"] = 1
             method = SegmentorMethod(seg, cfg.data.num_classes, {})
         if prior is not None and not isinstance(prior, Predictor):
             prior = cls.from_run(prior, device=dev, ensemble=1, batch_size=kwargs.get("batch_size"))
