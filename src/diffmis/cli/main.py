@@ -31,7 +31,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffmis {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     chosen = argv[0] if argv else None
-    for name, (help_text, _issue) in commands.VERB_LIST.items():
+    for name, help_text in commands.VERB_LIST.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:  # import only the verb that runs: --help stays fast
             add_args, fn = commands.load_verb(name)

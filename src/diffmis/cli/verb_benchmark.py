@@ -1,0 +1,45 @@
+"""``diffmis benchmark CONFIG.yaml [--set k=v ...]``: training and prediction speed of a config on this machine.
+
+Synthetic data of the config's working size (no dataset needed), the real trainer and predictor; prints a
+summary and writes JSON with the machine record (``--out``). The quality benchmarks on real data live in the
+source tree's ``benchmarks/`` (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "training and prediction speed of a config on this machine (JSON out)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (e.g. configs/medsegdiff_kvasir.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set sample.ensemble=1")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="optimizer steps left out of the timing (default 2)")
+    p.add_argument("--size", type=int, default=None, help="square working size (default: the config's)")
+    p.add_argument("--batch", type=int, default=None, help="training batch (default: the config's)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="training/prediction precision (default: the config's)")
+    p.add_argument("--predict-images", type=int, default=4, help="images timed at prediction (default 4)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the result as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffmis.benchmarking import speed_profile
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = speed_profile(args.config, tuple(args.overrides), steps=args.steps, warmup=args.warmup, size=args.size,
+                        batch=args.batch, precision=args.precision, predict_images=args.predict_images)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0
