@@ -92,3 +92,17 @@ def test_config_is_frozen():
     cfg = load_config()
     with pytest.raises(Exception):
         cfg.train.lr = 3.0  # type: ignore[misc]
+
+
+def test_shipped_configs_load_by_name(tmp_path, monkeypatch):
+    from diffmis.config import builtin_configs, load_config
+
+    names = builtin_configs()
+    assert {"hidiff_kvasir", "medsegdiff_mni", "pd_ddpm_drive", "segmentor_kvasir"} <= set(names)
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the names resolve to the package's own files
+    assert load_config("hidiff_kvasir").experiment.recipe == "hidiff"
+    assert load_config("medsegdiff_v2_mni.yaml", ["train.max_steps=7"]).train.max_steps == 7
+    with pytest.raises(ConfigError, match="config file not found: nope.*hidiff_kvasir"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing" / "hidiff_kvasir.yaml")  # a path is a path, never a name

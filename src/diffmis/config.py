@@ -265,6 +265,31 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
+#: the recipes shipped with the package (``configs/`` at the repository top links here)
+BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def builtin_configs() -> list[str]:
+    """Names of the shipped configs (``<recipe>_<dataset>``), usable wherever a config path is."""
+    return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(path: Union[str, Path]) -> Path:
+    """A config file path, or the name of a shipped config (``hidiff_kvasir`` or ``hidiff_kvasir.yaml``).
+
+    Raises:
+        ConfigError: neither a file nor a shipped config (the message lists the shipped names).
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    if len(p.parts) == 1 or (len(p.parts) == 2 and p.parts[0] == "configs"):
+        cand = BUILTIN_CONFIGS / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file not found: {p} (or name a shipped config: {', '.join(builtin_configs())})")
+
+
 def load_config(
     path: Union[str, Path, None] = None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None
 ) -> Config:
@@ -276,10 +301,8 @@ def load_config(
     data: dict[str, Any] = copy.deepcopy(base) if base else {}
     source = "<defaults>"
     if path is not None:
-        p = Path(path)
+        p = resolve_config_path(path)
         source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as err:
