@@ -93,7 +93,7 @@ def main() -> None:
     work = Path(args.work) / tag
     work.mkdir(parents=True, exist_ok=True)
     root = dataset_root(args.dataset, work)
-    images, ref_dir, fov_dir, _ = split_files(root, EVAL_SPLIT[args.dataset])
+    images, ref_dir, fov_dir, _ = split_files(root, EVAL_SPLIT[args.dataset], work)
     k = 3 if args.dataset == "mni" else 1
     out_json = REPO / "benchmarks" / "results" / f"ablation_{tag}.json"
     rows: dict[str, Any] = {}

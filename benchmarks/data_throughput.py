@@ -23,7 +23,6 @@ import sys
 import argparse
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -35,27 +34,17 @@ from diffmis.data import build_dataset
 from diffmis.utils import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model  # noqa: E402  (shared benchmark helpers)
+from common import cpu_model, git_state  # noqa: E402  (shared benchmark helpers)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "data_throughput.json"
 DEFAULT_DATA = Path(os.environ.get("DIFFMIS_SHARED_DATA") or ROOT.parent / "shared" / "data") / "kvasir-seg"
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "src/diffmis/data"], cwd=ROOT,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def machine() -> dict[str, Any]:
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_avg_1m": os.getloadavg()[0], "torch": torch.__version__, "python": platform.python_version(),
-            "commit": git_commit()}
+            **git_state()}
 
 
 def all_pairs(cfg: DataConfig) -> torch.utils.data.Dataset:

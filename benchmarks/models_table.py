@@ -37,7 +37,7 @@ import diffmis.models  # noqa: F401  (fills the registries)
 from diffmis.registry import MODELS, SEGMENTORS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model  # noqa: E402  (shared benchmark helpers)
+from common import cpu_model, git_state  # noqa: E402  (shared benchmark helpers)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "models_table.json"
@@ -50,16 +50,6 @@ MODES = ("fp32", "fp32_cl", "bf16_cl")
 # ======================================================================================================
 # Environment
 # ======================================================================================================
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "src/diffmis/models"], cwd=ROOT,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha.stdout.strip() + ("+dirty(models)" if dirty.stdout.strip() else "")
 
 
 # ======================================================================================================
@@ -261,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(rows[-1]), flush=True)
     result = {
         "env": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "python": platform.python_version(), "commit": git_commit()},
+                "python": platform.python_version(), **git_state()},
         "quick": args.quick, "image_size": size, "batch": 1, "warmup": warmup, "runs": runs,
         "in_channels": C_IMG, "num_classes": K, "models": rows, "train_step": step,
     }

@@ -65,12 +65,7 @@ def main() -> None:
     work = Path(args.work) / tag
     runs = work / "runs"
     root = dataset_root(args.dataset, work)
-    images, ref_dir, fov_dir, _ = split_files(root, EVAL_SPLIT[args.dataset])
-    images = images[: args.cases]
-    keep = {p.stem for p in images}
-    for f in list(ref_dir.iterdir()):
-        if f.stem not in keep:
-            f.unlink()
+    images, ref_dir, fov_dir, _ = split_files(root, EVAL_SPLIT[args.dataset], work, args.cases)
     k = 3 if args.dataset == "mni" else 1
     rows: list[dict[str, Any]] = []
     series: dict[str, list[tuple[float, float]]] = {}

@@ -58,10 +58,13 @@ def dataset_root(dataset: str, work: Path) -> Path:
     return root
 
 
-def split_files(root: Path, split: str) -> tuple[list[Path], Path, Optional[Path], Path]:
-    """Images of a split, plus a folder with just their reference masks (and FOVs) for evaluation."""
+def split_files(root: Path, split: str, work: Path,
+                limit: Optional[int] = None) -> tuple[list[Path], Path, Optional[Path], Path]:
+    """Images of a split (the first ``limit`` if given), plus a folder under ``work`` with just their reference
+    masks (and FOVs) for evaluation (one folder per split and limit: runs in other work folders never share it)."""
     ids = [s.strip() for s in (root / "splits" / f"{split}.txt").read_text().split() if s.strip()]
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"diffmis_quality_refs_{root.name}_{split}"
+    ids = ids[:limit] if limit else ids
+    tmp = work / f"refs_{split}_{limit or 'all'}"
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "masks").mkdir(parents=True)
@@ -199,6 +202,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/diffmis_quality")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N cases (smoke runs)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (every method gets the same)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="re-evaluate the saved predictions of the methods in the JSON (no training)")
     ap.add_argument("--ensemble", type=int, default=None,
                     help="ensemble members at prediction (default: each config's sample.ensemble)")
     args = ap.parse_args()
@@ -210,13 +215,7 @@ def main() -> None:
     work = Path(args.work) / tag
     work.mkdir(parents=True, exist_ok=True)
     root = dataset_root(args.dataset, work)
-    images, ref_dir, fov_dir, _ = split_files(root, EVAL_SPLIT[args.dataset])
-    if args.limit:
-        images = images[: args.limit]
-        keep = {p.stem for p in images}
-        for f in list(ref_dir.iterdir()):
-            if f.stem not in keep:
-                f.unlink()
+    images, ref_dir, fov_dir, _ = split_files(root, EVAL_SPLIT[args.dataset], work, args.limit)
     k = 3 if args.dataset == "mni" else 1
     out_json = REPO / "benchmarks" / "results" / f"quality_{tag}.json"
     results: dict[str, Any] = {}
@@ -226,6 +225,18 @@ def main() -> None:
         old = json.loads(out_json.read_text())
         if old.get("settings", {}).get("minutes") == args.minutes:
             results = old.get("results", {})
+    if args.rescore:
+        import json
+
+        data = json.loads(out_json.read_text())
+        for m, row in data["results"].items():
+            if args.methods and m not in args.methods:
+                continue
+            row.update(score(work / "pred" / m, ref_dir, fov_dir, k, work / "eval" / m))
+            print(f"{m}: Dice {row['dice_mean']:.4f} +- {row['dice_std']:.4f} over {row['n_cases']} cases", flush=True)
+        data["rescored"] = {"command": " ".join(["python", *sys.argv]), "machine": environment()}
+        write_result(out_json, data)
+        return
     for m in methods:
         print(f"=== {m} on {tag}: {args.minutes} min", flush=True)
         pred_dir = work / "pred" / m
