@@ -16,7 +16,7 @@ LAYERS = {
     "models": 3,
     "data": 4, "losses": 4, "metrics": 4,
     "sampling": 5, "ensemble": 5, "diffusion": 5,
-    "training": 6, "inference": 6, "evaluation": 6, "report": 6, "quickstart": 6, "benchmark": 6,
+    "training": 6, "inference": 6, "evaluation": 6, "report": 6, "quickstart": 6, "benchmarking": 6,
     "cli": 7,
 }
 
