@@ -4,7 +4,9 @@
 - MedSegDiff-V2 with the anchor condition (U-SA) off, and with the SS-Former off (V2 paper: each adds Dice);
 - HiDiff's refined output against its own co-trained segmentor alone (the paper's central claim);
 - PD-DDPM started from its noised pre-segmentation against the same network sampled from pure noise with the
-  same number of network evaluations per sample (NFE).
+  same number of network evaluations per sample (NFE);
+- the CPU-budget defaults of the Gaussian configs (x0-prediction, lr 1e-3) against eps-prediction and against the
+  papers' eps + lr 1e-4.
 
 Every variant is trained by ``benchmarks/quality.py``'s machinery for ``--minutes`` on the same data and
 seed and predicted with the config's default sampler. The full models (medsegdiff, medsegdiff_v2, hidiff,
@@ -36,6 +38,8 @@ VARIANTS: list[tuple[str, str, tuple[str, ...]]] = [
     ("medsegdiff", "medsegdiff", ()),
     ("medsegdiff_no_dce", "medsegdiff", ("model.params.dce=false",)),
     ("medsegdiff_no_ff_parser", "medsegdiff", ("model.params.ff_parser=false",)),
+    ("medsegdiff_eps", "medsegdiff", ("diffusion.prediction=eps",)),
+    ("medsegdiff_papers_eps_lr1e-4", "medsegdiff", ("diffusion.prediction=eps", "train.lr=1e-4")),
     ("medsegdiff_v2", "medsegdiff_v2", ()),
     ("medsegdiff_v2_no_anchor", "medsegdiff_v2", ("model.params.anchor=false",)),
     ("medsegdiff_v2_no_ss_former", "medsegdiff_v2", ("model.params.ss_former=false",)),
@@ -48,6 +52,10 @@ COMPARISONS = [
     ("DCE", "medsegdiff", "medsegdiff_no_dce", "MedSegDiff MIDL Table 2: + Dy-Cond adds 1.7-1.9 Dice points"),
     ("FF-Parser", "medsegdiff", "medsegdiff_no_ff_parser",
      "MedSegDiff MIDL Table 2: + FF-Parser adds 1.2-1.5 Dice points"),
+    ("x0 target (the configs' CPU default) vs eps", "medsegdiff", "medsegdiff_eps",
+     "the papers train eps-prediction for 40k-100k GPU steps"),
+    ("x0 + lr 1e-3 vs the papers' eps + lr 1e-4", "medsegdiff", "medsegdiff_papers_eps_lr1e-4",
+     "the papers' setting, made for 40k-100k GPU steps"),
     ("anchor (U-SA)", "medsegdiff_v2", "medsegdiff_v2_no_anchor", "MedSegDiff-V2: the anchor condition adds Dice"),
     ("SS-Former", "medsegdiff_v2", "medsegdiff_v2_no_ss_former", "MedSegDiff-V2: the SS-Former adds Dice"),
     ("HiDiff refiner", "hidiff", "hidiff_segmentor", "HiDiff: the refined Dice exceeds its segmentor's"),

@@ -56,7 +56,7 @@ def test_config_validates_and_builds(name):
         assert cfg.train.lr_schedule == "poly" and method.default_sampler == "bernoulli_ddim"
     else:
         assert isinstance(method, GaussianMethod) and method.default_sampler == "ddim"
-        assert (cfg.diffusion.timesteps, cfg.diffusion.prediction) == (1000, "eps")
+        assert (cfg.diffusion.timesteps, cfg.diffusion.prediction) == (1000, "x0")  # CPU-budget default
     if recipe == "medsegdiff_v2":
         assert (method.anchor_alpha, method.anchor_beta) == (5, 10.0)
     if recipe == "pd_ddpm":
