@@ -2,6 +2,7 @@
 
     python benchmarks/render.py                 # every table whose JSON exists, to stdout
     python benchmarks/render.py --out FILE.md   # also written to a file
+    python benchmarks/render.py --readme README.md   # refill its <!-- render:FILE.json --> blocks
 
 Nothing is measured here: the figures are the JSON's, rounded.
 """
@@ -93,10 +94,35 @@ def ablation_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fill_readme(readme: Path) -> None:
+    """Replace each ``<!-- render:NAME -->`` ... ``<!-- /render -->`` block of README.md with NAME's table."""
+    import re
+
+    text = readme.read_text()
+
+    def table(m: "re.Match[str]") -> str:
+        name = m.group(1)
+        data = _load(name)
+        if data is None:
+            return m.group(0)
+        kind = name.split("_")[0]
+        body = {"quality": quality_table, "nfe": nfe_table, "ablation": ablation_table}[kind](data)
+        return f"<!-- render:{name} -->\n{body}\n<!-- /render -->"
+
+    new = re.sub(r"<!-- render:(\S+) -->.*?<!-- /render -->", table, text, flags=re.S)
+    readme.write_text(new)
+    print(f"filled {readme}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--readme", type=Path, default=None,
+                    help="fill the <!-- render:FILE.json --> blocks of this Markdown file")
     args = ap.parse_args()
+    if args.readme:
+        fill_readme(args.readme)
+        return
     parts = []
     for f in sorted(RESULTS.glob("quality_*.json")):
         parts += [f"### {f.name}", "", quality_table(json.loads(f.read_text())), ""]
