@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=24, help="evaluation cases (first N of the split)")
     ap.add_argument("--ancestral-cases", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", nargs="+", default=["medsegdiff", "pd_ddpm", "hidiff", "segmentor"],
+                    help="runs to measure (default: all four that exist)")
     ap.add_argument("--hidiff-ensemble-steps", type=int, default=1,
                     help="Bernoulli-DDIM steps of the HiDiff ensemble rows")
     args = ap.parse_args()
@@ -75,7 +77,7 @@ def main() -> None:
         rows.append(row)
         series.setdefault(series_name, []).append((row["network_evals_per_image"], row["dice"]))
 
-    if (runs / "medsegdiff").is_dir():
+    if "medsegdiff" in args.methods and (runs / "medsegdiff").is_dir():
         for st in (5, 10, 20, 50, 100):
             add("medsegdiff DDIM", measure(runs / "medsegdiff", images, ref_dir, fov_dir, k, work, f"msd_ddim{st}",
                                            steps=st, sampler="ddim", ensemble=1))
@@ -89,7 +91,7 @@ def main() -> None:
                 add(f"medsegdiff DDIM-10 ensemble ({fuse})",
                     measure(runs / "medsegdiff", images, ref_dir, fov_dir, k, work, f"msd_ens{n}_{fuse}",
                             steps=10, sampler="ddim", ensemble=n, fuse=fuse))
-    if (runs / "pd_ddpm").is_dir():
+    if "pd_ddpm" in args.methods and (runs / "pd_ddpm").is_dir():
         for tp in (100, 200, 300, 500):
             for st in (2, 5, 10, 20):
                 add(f"pd_ddpm T'={tp}", measure(runs / "pd_ddpm", images, ref_dir, fov_dir, k, work,
@@ -99,7 +101,7 @@ def main() -> None:
             add("pd_ddpm net from pure noise", measure(runs / "pd_ddpm", images, ref_dir, fov_dir, k, work,
                                                        f"pd_noise_{st}", steps=st, sampler="ddim", ensemble=1,
                                                        start_step=0))
-    if (runs / "hidiff").is_dir():
+    if "hidiff" in args.methods and (runs / "hidiff").is_dir():
         for st in (10, 5, 2, 1):
             add("hidiff Bernoulli-DDIM", measure(runs / "hidiff", images, ref_dir, fov_dir, k, work, f"hd_{st}",
                                                  steps=st, sampler="bernoulli_ddim", ensemble=1))
@@ -113,7 +115,7 @@ def main() -> None:
                             ensemble=n, fuse=fuse))
         add("hidiff segmentor alone", measure(runs / "hidiff", images, ref_dir, fov_dir, k, work, "hd_seg",
                                               prior_only=True))
-    if (runs / "segmentor").is_dir():
+    if "segmentor" in args.methods and (runs / "segmentor").is_dir():
         add("segmentor", measure(runs / "segmentor", images, ref_dir, fov_dir, k, work, "seg", ensemble=1))
 
     import matplotlib
@@ -132,6 +134,8 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    if set(args.methods) != {"medsegdiff", "pd_ddpm", "hidiff", "segmentor"}:
+        tag += "_" + "_".join(args.methods)
     png = REPO / "benchmarks" / "results" / f"nfe_{tag}.png"
     fig.savefig(png, dpi=110)
     # the headline: the best Dice within 10 network evaluations per image
