@@ -70,12 +70,10 @@ def main() -> None:
     images, ref_dir, fov_dir, _ = split_files(root, EVAL_SPLIT[args.dataset], work, args.cases)
     k = 3 if args.dataset == "mni" else 1
     rows: list[dict[str, Any]] = []
-    series: dict[str, list[tuple[float, float]]] = {}
 
     def add(series_name: str, row: dict[str, Any]) -> None:
         row["series"] = series_name
         rows.append(row)
-        series.setdefault(series_name, []).append((row["network_evals_per_image"], row["dice"]))
 
     if "medsegdiff" in args.methods and (runs / "medsegdiff").is_dir():
         for st in (5, 10, 20, 50, 100):
@@ -118,26 +116,9 @@ def main() -> None:
     if "segmentor" in args.methods and (runs / "segmentor").is_dir():
         add("segmentor", measure(runs / "segmentor", images, ref_dir, fov_dir, k, work, "seg", ensemble=1))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, pts in series.items():
-        pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("network evaluations per image (members x NFE, log scale)")
-    ax.set_ylabel("Dice")
-    ax.set_title(f"Dice vs NFE, {tag} ({len(images)} cases)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
     if set(args.methods) != {"medsegdiff", "pd_ddpm", "hidiff", "segmentor"}:
         tag += "_" + "_".join(args.methods)
-    png = REPO / "benchmarks" / "results" / f"nfe_{tag}.png"
-    fig.savefig(png, dpi=110)
+    png = REPO / "benchmarks" / "results" / f"nfe_{tag}.png"  # drawn by render.nfe_plot after the JSON
     # the headline: the best Dice within 10 network evaluations per image
     cheap = [r for r in rows if r["network_evals_per_image"] <= 10 and r["series"] != "segmentor"
              and "segmentor" not in r["series"]]
@@ -149,6 +130,9 @@ def main() -> None:
         "settings": {"cases": len(images), "ancestral_cases": args.ancestral_cases, "runs": str(runs),
                      "threads": args.threads},
         "rows": rows, "headline": headline, "plot": png.name, "machine": environment()})
+    from render import nfe_plot
+
+    nfe_plot(REPO / "benchmarks" / "results" / f"nfe_{tag}.json")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,37 @@ def ablation_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def nfe_plot(json_path: Path) -> Path:
+    """Redraw ``<nfe json>.png`` from its rows: Dice against network evaluations, one line per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(json_path.read_text())
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in data["rows"]:
+        series.setdefault(r["series"], []).append((r["network_evals_per_image"], r["dice"]))
+    cmap = plt.get_cmap("tab20")
+    markers = "os^Dv<>phX*"
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, (name, pts) in enumerate(series.items()):
+        pts = sorted(pts)
+        ax.plot([q[0] for q in pts], [q[1] for q in pts], marker=markers[i % len(markers)], color=cmap(i % 20),
+                label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per image (members x evaluations per member, log scale)")
+    ax.set_ylabel("Dice")
+    ax.set_title(f"Dice vs network evaluations, {json_path.stem[4:]} ({data['settings']['cases']} cases)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    out = json_path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def fill_readme(readme: Path) -> None:
     """Replace each ``<!-- render:NAME -->`` ... ``<!-- /render -->`` block of README.md with NAME's table."""
     import re
@@ -122,6 +153,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.readme:
         fill_readme(args.readme)
+        for f in sorted(RESULTS.glob("nfe_*.json")):
+            print(f"plot {nfe_plot(f)}")
         return
     parts = []
     for f in sorted(RESULTS.glob("quality_*.json")):
