@@ -69,8 +69,9 @@ def quality_table(data: dict[str, Any]) -> str:
 
 
 def nfe_table(data: dict[str, Any]) -> str:
-    lines = [f"Command: `{data['command']}` ({data['settings']['cases']} cases; the 1000-step chain on "
-             f"{data['settings']['ancestral_cases']})", "",
+    chain = any(r.get("sampler") == "ddpm" for r in data["rows"])
+    note = f"; the 1000-step chain on {data['settings']['ancestral_cases']}" if chain else ""
+    lines = [f"Command: `{data['command']}` ({data['settings']['cases']} cases{note})", "",
              "| series | setting | network evaluations / image | Dice | s / image |", "|---|---|---:|---:|---:|"]
     for r in data["rows"]:
         setting = ", ".join(f"{k}={r[k]}" for k in ("steps", "start_step", "ensemble", "fuse", "sampler")
