@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -31,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
-from quality import EVAL_SPLIT, REPO, dataset_root, predict_diffmis, run_diffmis, score, split_files  # noqa: E402
+from quality import EVAL_SPLIT, REPO, dataset_root, predict_and_score, run_diffmis, split_files  # noqa: E402
 
 #: (row name, config recipe, overrides); an empty override tuple is the full model
 VARIANTS: list[tuple[str, str, tuple[str, ...]]] = [
@@ -130,11 +129,7 @@ def main() -> None:
         info = None if (extra or args.no_reuse) else reusable(tag, name, args.minutes, Path(args.quality_work))
         if info is None:
             info = run_diffmis(recipe, args.dataset, root, args, work, name=name, extra=extra)
-            pred_dir = work / "pred" / name
-            if pred_dir.exists():
-                shutil.rmtree(pred_dir)
-            info.update(predict_diffmis(info, images, pred_dir))
-            info.update(score(pred_dir, ref_dir, fov_dir, k, work / "eval" / name))
+            predict_and_score(info, name, images, work, ref_dir, fov_dir, k)
         rows[name] = info
         print(f"{name}: Dice {info['dice_mean']:.4f} +- {info['dice_std']:.4f} ({info.get('steps')} steps)",
               flush=True)
@@ -148,12 +143,8 @@ def main() -> None:
             st = int(info.get("predict_settings", {}).get("steps") or info.get("sample_steps") or 5)
             extra_rows.append(("pd_ddpm_pure_noise", {"start_step": 0, "steps": st + 1}))
         for extra_name, kw in extra_rows:
-            pred_dir = work / "pred" / extra_name
-            if pred_dir.exists():
-                shutil.rmtree(pred_dir)
-            r = {"run_dir": info["run_dir"], "steps": info.get("steps")}
-            r.update(predict_diffmis(r, images, pred_dir, **kw))
-            r.update(score(pred_dir, ref_dir, fov_dir, k, work / "eval" / extra_name))
+            r = predict_and_score({"run_dir": info["run_dir"], "steps": info.get("steps")}, extra_name, images,
+                                  work, ref_dir, fov_dir, k, **kw)
             rows[extra_name] = r
             print(f"{extra_name}: Dice {r['dice_mean']:.4f} (NFE {r['nfe_per_image']})", flush=True)
         save()

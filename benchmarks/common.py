@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from diffmis.benchmarking import cpu_model  # the CPU model name; also in every `diffmis benchmark` JSON
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 #: the value the diffmis CLI (and the Makefile) put in GLIBC_TUNABLES
@@ -44,14 +46,6 @@ _ENV_KEYS = ("GLIBC_TUNABLES", "LD_PRELOAD", "DIFFMIS_NO_MALLOC_TUNING", "DIFFMI
 # ======================================================================================================
 # Machine and software
 # ======================================================================================================
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def cpu_flags(wanted: Sequence[str] = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")) -> list[str]:

@@ -16,6 +16,7 @@ Writes ``benchmarks/results/quality_<dataset>[_<size>].json``; run folders go to
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -136,6 +137,18 @@ def predict_diffmis(info: dict[str, Any], images: list[Path], pred_dir: Path, **
                                  "fuse": pred.fuse, "start_step": pred.start_step, **kw}}
 
 
+def predict_and_score(info: dict[str, Any], name: str, images: list[Path], work: Path, ref_dir: Path,
+                      fov_dir: Optional[Path], k: int, **kw: Any) -> dict[str, Any]:
+    """Predict ``info["run_dir"]`` into ``work/pred/<name>`` (cleared first; ``kw``: Predictor overrides) and
+    score it into ``work/eval/<name>``; ``info`` is returned with both results added."""
+    pred_dir = work / "pred" / name
+    if pred_dir.exists():
+        shutil.rmtree(pred_dir)
+    info.update(predict_diffmis(info, images, pred_dir, **kw))
+    info.update(score(pred_dir, ref_dir, fov_dir, k, work / "eval" / name))
+    return info
+
+
 # ---- the lucidrains peer ---------------------------------------------------------------------------------
 
 
@@ -220,14 +233,10 @@ def main() -> None:
     out_json = REPO / "benchmarks" / "results" / f"quality_{tag}.json"
     results: dict[str, Any] = {}
     if out_json.is_file():  # keep methods measured earlier with the same settings
-        import json
-
         old = json.loads(out_json.read_text())
         if old.get("settings", {}).get("minutes") == args.minutes:
             results = old.get("results", {})
     if args.rescore:
-        import json
-
         data = json.loads(out_json.read_text())
         for m, row in data["results"].items():
             if args.methods and m not in args.methods:
@@ -239,22 +248,21 @@ def main() -> None:
         return
     for m in methods:
         print(f"=== {m} on {tag}: {args.minutes} min", flush=True)
-        pred_dir = work / "pred" / m
-        if pred_dir.exists():
-            shutil.rmtree(pred_dir)
         if m == "peer":
+            pred_dir = work / "pred" / m
+            if pred_dir.exists():
+                shutil.rmtree(pred_dir)
             info = run_peer(args.dataset, root, args, work, images, pred_dir)
+            info.update(score(pred_dir, ref_dir, fov_dir, k, work / "eval" / m))
         else:
             info = run_diffmis(m, args.dataset, root, args, work)
             kw = {} if args.ensemble is None else {"ensemble": args.ensemble}
-            info.update(predict_diffmis(info, images, pred_dir, **kw))
-        info.update(score(pred_dir, ref_dir, fov_dir, k, work / "eval" / m))
+            predict_and_score(info, m, images, work, ref_dir, fov_dir, k, **kw)
         results[m] = info
         if m in ("hidiff", "pd_ddpm"):  # the co-trained segmentor alone: what the diffusion adds to it
             name = f"{m}_segmentor"
-            seg = {"run_dir": info["run_dir"], "steps": info["steps"], "params": info["params"]}
-            seg.update(predict_diffmis(seg, images, work / "pred" / name, prior_only=True))
-            seg.update(score(work / "pred" / name, ref_dir, fov_dir, k, work / "eval" / name))
+            seg = predict_and_score({"run_dir": info["run_dir"], "steps": info["steps"], "params": info["params"]},
+                                    name, images, work, ref_dir, fov_dir, k, prior_only=True)
             results[name] = seg
             print(f"{name}: Dice {seg['dice_mean']:.4f} +- {seg['dice_std']:.4f}", flush=True)
         print(f"{m}: Dice {info['dice_mean']:.4f} +- {info['dice_std']:.4f}, steps {info['steps']}, "

@@ -20,25 +20,30 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
-import torch
-
 from diffmis.config import Config, load_config
 from diffmis.errors import ConfigError
+
+# torch and numpy are imported inside the functions: benchmarks/common.py takes cpu_model() from here in
+# processes that must not load torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, torch threads and versions, allocator setting: the record a timing needs."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    import torch
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info: dict[str, Any] = {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(),
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": cores, "torch_threads": torch.get_num_threads(),
                             "torch": torch.__version__, "python": platform.python_version(),
                             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                             "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
@@ -71,6 +76,9 @@ def speed_profile(config: str | Path, overrides: tuple[str, ...] = (), *, steps:
     """
     if steps < 1 or warmup < 0 or predict_images < 1:
         raise ConfigError("steps and predict_images must be >= 1, warmup >= 0")
+    import numpy as np
+    import torch
+
     from diffmis.diffusion import build
     from diffmis.inference import Predictor
     from diffmis.training import train

@@ -86,6 +86,15 @@ def _method_kind(method: SegmentationMethod) -> str:
     return "direct"
 
 
+def sliding_window_inferer(patch_size: Sequence[int], batch_size: int, padding_mode: str = "constant") -> Any:
+    """MONAI ``SlidingWindowInferer`` with diffmis's window geometry (patch-sized windows, overlap 0.25, Gaussian
+    blending), shared by :class:`Predictor` and in-training validation of patch-trained runs."""
+    from monai.inferers import SlidingWindowInferer
+
+    return SlidingWindowInferer(roi_size=tuple(patch_size), sw_batch_size=batch_size, overlap=0.25, mode="gaussian",
+                                padding_mode=padding_mode, progress=False)
+
+
 _SAMPLERS = {"gaussian": ("ddim", "ddpm"), "bernoulli": ("bernoulli", "bernoulli_ddim"), "direct": ("direct",)}
 
 
@@ -178,10 +187,7 @@ class Predictor:
         self.patch_size: Optional[tuple[int, int]] = tuple(d.patch_size) if d.patch_size else None
         self.inferer = None
         if self.patch_size is not None:  # built once; MONAI caches the Gaussian importance map across calls
-            from monai.inferers import SlidingWindowInferer
-
-            self.inferer = SlidingWindowInferer(roi_size=self.patch_size, sw_batch_size=self.batch_size,
-                                                overlap=0.25, mode="gaussian", progress=False)
+            self.inferer = sliding_window_inferer(self.patch_size, self.batch_size)
         self._nfe = 0
 
     # ---- construction -------------------------------------------------------------------------------------

@@ -257,9 +257,12 @@ def validate(method: SegmentationMethod, ds, cfg: Config, device: torch.device, 
     bs = cfg.sample.batch_size
     scores: list[list[float]] = []
     nfe = 0
-    patch = tuple(cfg.data.patch_size) if cfg.data.patch_size else None
-    # patch-trained runs see whole images here: one image at a time, its windows batched (like `predict`)
-    per_batch = 1 if patch else bs
+    inferer = None
+    if cfg.data.patch_size:  # patch-trained runs see whole images here: one image at a time, windows batched
+        from diffmis.inference import sliding_window_inferer  # (imported here: inference imports training)
+
+        inferer = sliding_window_inferer(cfg.data.patch_size, bs, padding_mode="reflect")
+    per_batch = 1 if inferer is not None else bs
     limit = None if max_batches is None else max_batches * bs
     idx = idx if limit is None else idx[:limit]
     calls = [0]
@@ -278,11 +281,8 @@ def validate(method: SegmentationMethod, ds, cfg: Config, device: torch.device, 
             image = image.contiguous(memory_format=torch.channels_last)
         calls[0] = 0
         with autocast(device, cfg.train.precision):
-            if patch:
-                from monai.inferers import sliding_window_inference
-
-                probs = sliding_window_inference(image, roi_size=patch, sw_batch_size=bs, predictor=sample_probs,
-                                                 overlap=0.25, mode="gaussian", padding_mode="reflect")
+            if inferer is not None:
+                probs = inferer(image, sample_probs)
             else:
                 probs = sample_probs(image)
         nfe = calls[0]
