@@ -44,8 +44,9 @@ def tiny_config(recipe: str, out: Path, *, num_classes: int = 1, steps: int = 4,
                  "synthetic": {"n_train": 8, "n_val": 2, "n_test": 2}},
         "model": r["model"],
         "diffusion": r["diffusion"],
+        # fp32: the tests compare numbers exactly; precision "auto" has its own tests (test_hardware.py)
         "train": {"max_steps": steps, "batch_size": 2, "lr": 1e-3, "log_every": 1, "ema_decay": 0.9,
-                  "progress": False, **r.get("train", {}), **train},
+                  "progress": False, "precision": "fp32", **r.get("train", {}), **train},
         "sample": {"steps": 3, "batch_size": 4, **r.get("sample", {})},
     }
     return cfg

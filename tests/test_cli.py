@@ -49,7 +49,11 @@ def test_benchmark_times_a_config_and_writes_json(tmp_path, capsys):
     assert res["recipe"] == "hidiff" and res["params"] > 0 and res["settings"]["size"] == [32, 32]
     assert res["train"]["timed_steps"] == 2 and res["train"]["images_per_s"] > 0
     assert res["predict"]["ensemble"] == 2 and res["predict"]["nfe_per_image"] == 4  # segmentor + 3 steps
-    assert res["predict"]["seconds_per_image"] > 0 and res["machine"]["cores"] >= 1
+    assert res["predict"]["seconds_per_image"] > 0 and res["machine"]["usable_cores"] >= 1
+    # the resolved precision and the CPU it was resolved for are on record
+    assert res["settings"]["precision_requested"] == "auto" and res["settings"]["precision"] in ("fp32", "bf16")
+    assert res["settings"]["precision_reason"].startswith("auto:")
+    assert res["machine"]["cpu"]["model"] and isinstance(res["machine"]["cpu"]["flags"], list)
     assert "images/s" in capsys.readouterr().out
 
 

@@ -15,7 +15,9 @@ import torch
 
 from diffmis.config import load_config
 from diffmis.diffusion import GaussianMethod, HiDiffMethod, SegmentorMethod, build
+from diffmis.hardware import resolve_precision
 from diffmis.sampling import propose_start_step
+from diffmis.utils import autocast
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -44,7 +46,7 @@ def test_config_validates_and_builds(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.experiment.recipe == recipe and cfg.experiment.name == name
     assert (cfg.data.in_channels, cfg.data.num_classes) == DATASETS[dataset]
-    assert cfg.train.precision == "bf16" and cfg.train.channels_last
+    assert cfg.train.precision == "auto" and cfg.train.channels_last == "auto"  # chosen for the machine at run time
     method = build(cfg)
     n = sum(p.numel() for p in method.parameters())
     assert 0.3e6 < n < 10e6, f"{name}: {n / 1e6:.2f}M parameters; the shipped configs are CPU-sized"
@@ -83,17 +85,23 @@ def method_multiple(method: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("name", [f"{r}_{d}" for r in RECIPES for d in ("mni", "kvasir")])
 def test_loss_on_a_random_batch(name):
-    """One loss + backward at 32x32 with the config's networks (bf16 autocast as in training)."""
+    """One loss + backward at 32x32 with the config's networks, in the precision and layout training would use on
+    this machine (precision: auto)."""
     cfg = load_config(CONFIGS / f"{name}.yaml", ["model.params.image_size=32"] if "medsegdiff" in name else [])
+    run = resolve_precision(cfg.train.precision, cfg.train.channels_last, "cpu")
     torch.manual_seed(0)
-    method = build(cfg).to(memory_format=torch.channels_last)
+    method = build(cfg)
+    if run.channels_last:
+        method = method.to(memory_format=torch.channels_last)
     c, k = cfg.data.in_channels, cfg.data.num_classes
-    image = torch.rand(2, c, 32, 32).contiguous(memory_format=torch.channels_last)
+    image = torch.rand(2, c, 32, 32)
+    if run.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, max(k, 2), (2, 32, 32))
     mask = (labels[:, None] == 1).float() if k == 1 else \
         torch.nn.functional.one_hot(labels, k).permute(0, 3, 1, 2).float()
     gen = torch.Generator().manual_seed(0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast(torch.device("cpu"), run.precision):
         out = method.loss(image, mask, 0, gen)
     assert out.total.ndim == 0 and torch.isfinite(out.total)
     out.total.backward()

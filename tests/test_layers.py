@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "diffmis"
 
 # module (or package) -> layer; a module may import its own layer or lower ones
 LAYERS = {
-    "errors": 1, "allocator": 1, "config": 1, "registry": 1, "utils": 1, "__init__": 1, "__main__": 7,
+    "errors": 1, "allocator": 1, "hardware": 1, "config": 1, "registry": 1, "utils": 1, "__init__": 1, "__main__": 7,
     "schedulers": 2,
     "models": 3,
     "data": 4, "losses": 4, "metrics": 4,

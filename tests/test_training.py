@@ -57,6 +57,7 @@ def test_hidiff_alternates_and_logs_terms(tmp_path):
     cfg = config_from_dict(tiny_config("hidiff", tmp_path, steps=3, pretrain_steps=1, w_diff=0.5))
     train(cfg, tmp_path / "run")
     lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = [r for r in lines if r["phase"] == "train"]
     first, later = lines[0], lines[-1]
     assert "kl" not in first and "dice" in first  # pre-training: the segmentor step alone
     assert {"kl", "focal", "dice", "ce", "bbdm"} <= set(later)  # refiner terms + L_S + w_diff * L_BBDM

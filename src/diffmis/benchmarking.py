@@ -12,8 +12,6 @@ are the scripts under ``benchmarks/`` in the source tree; see docs/benchmarks.md
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +20,7 @@ from typing import Any, Callable, Optional
 
 from diffmis.config import Config, load_config
 from diffmis.errors import ConfigError
+from diffmis.hardware import cpu_info, machine_record, resolve_for
 
 # torch and numpy are imported inside the functions: benchmarks/common.py takes cpu_model() from here in
 # processes that must not load torch
@@ -29,30 +28,13 @@ from diffmis.errors import ConfigError
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    return cpu_info().model
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, torch threads and versions, allocator setting: the record a timing needs."""
-    import torch
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info: dict[str, Any] = {"cpu": cpu_model(), "cores": cores, "torch_threads": torch.get_num_threads(),
-                            "torch": torch.__version__, "python": platform.python_version(),
-                            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-                            "ld_preload": os.environ.get("LD_PRELOAD")}
-    try:
-        info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    return info
+    """CPU model and ISA flags, cores, torch threads and versions, allocator setting, load: the record a timing
+    needs (:func:`diffmis.hardware.machine_record`)."""
+    return machine_record()
 
 
 def _working_size(cfg: Config, size: Optional[int]) -> tuple[int, int]:
@@ -97,14 +79,19 @@ def speed_profile(config: str | Path, overrides: tuple[str, ...] = (), *, steps:
         sets.append(f"train.precision={precision}")
     cfg = load_config(config, sets)
     params = sum(p.numel() for p in build(cfg).parameters())
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    res = resolve_for(cfg.train.precision, cfg.train.channels_last, dev)
+    if res.warning:
+        log(f"warning: {res.warning}")
     log(f"benchmark: {cfg.experiment.recipe} ({cfg.model.name}, {params / 1e6:.2f}M parameters) at {h}x{w}, "
-        f"batch {bs}, {cfg.train.precision}, {torch.get_num_threads()} torch thread(s)")
+        f"batch {bs}, {res.describe()}, {torch.get_num_threads()} torch thread(s) on {cpu_info().summary()}")
     with tempfile.TemporaryDirectory(prefix="diffmis-benchmark-") as tmp:
         run = Path(tmp) / "run"
         t0 = time.perf_counter()
         train(cfg, run, log=lambda s: None)
         train_wall = time.perf_counter() - t0
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        setup = next((r for r in lines if r.get("phase") == "setup"), {})
         step_s = [bs / r["images_per_s"] for r in lines if r.get("phase") == "train" and r.get("images_per_s")]
         timed = step_s[warmup:] or step_s
         med = statistics.median(timed)
@@ -128,6 +115,8 @@ def speed_profile(config: str | Path, overrides: tuple[str, ...] = (), *, steps:
             f" NFE {predict_res['nfe_per_image']:.0f} batched calls per image)")
     return {"benchmark": "speed_profile", "config": str(config), "recipe": cfg.experiment.recipe,
             "model": cfg.model.name, "params": params,
-            "settings": {"size": [h, w], "batch": bs, "precision": cfg.train.precision,
-                         "channels_last": cfg.train.channels_last, "overrides": list(overrides)},
+            "settings": {"size": [h, w], "batch": bs, "precision_requested": cfg.train.precision,
+                         "channels_last_requested": cfg.train.channels_last,
+                         "precision": setup.get("precision"), "channels_last": setup.get("channels_last"),
+                         "precision_reason": setup.get("reason"), "overrides": list(overrides)},
             "train": train_res, "predict": predict_res, "machine": machine_info()}

@@ -144,8 +144,11 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: Optional[float] = Field(1.0, gt=0)
     ema_decay: Optional[float] = Field(0.999, ge=0, lt=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = False
+    # auto: bf16 on CPUs with native bf16 (AMX/AVX512-BF16) and bf16-capable GPUs, fp16 + gradient scaler on
+    # older GPUs, fp32 elsewhere (diffmis.hardware); an explicit value always wins
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # auto: on where it measured faster (CPUs running bf16), off elsewhere (diffmis.hardware)
+    channels_last: Union[bool, Literal["auto"]] = "auto"
     val_every: int = Field(0, ge=0)
     val_max_batches: Optional[int] = Field(None, ge=1)
     log_every: int = Field(10, ge=1)

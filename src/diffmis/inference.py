@@ -45,6 +45,7 @@ from diffmis.data import (normalize_intensity, read_image, read_mask, read_volum
 from diffmis.diffusion import GaussianMethod, HiDiffMethod, SegmentationMethod, SegmentorMethod, build
 from diffmis.ensemble import ensemble_predict, hard_mask, uncertainty_maps
 from diffmis.errors import CheckpointError, ConfigError, DiffmisError, InputError
+from diffmis.hardware import resolve_for
 from diffmis.training.checkpoint import load_checkpoint
 from diffmis.utils import atomic_write_bytes, autocast, write_json
 
@@ -106,7 +107,7 @@ class Predictor:
         cfg: the run's resolved config.
         device: where the network runs (default: where ``method``'s parameters are).
         steps, ensemble, fuse, start_step, sampler, precision, batch_size: sampling settings; None takes the
-            run's ``sample`` section (``precision``: ``train.precision``).
+            run's ``sample`` section (``precision``: ``train.precision``, resolved for ``device`` when ``auto``).
         prior: PD-DDPM pre-segmentation source for Gaussian runs: a :class:`Predictor` (e.g. of a segmentor
             run) whose hard masks start the chain at ``start_step``; None uses prior masks given per call, else
             the method's own prior segmentor (PD-DDPM runs).
@@ -143,9 +144,16 @@ class Predictor:
         self.batch_size = cfg.sample.batch_size if batch_size is None else int(batch_size)
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
-        self.precision = precision or cfg.train.precision
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be fp32, bf16 or fp16; got {self.precision!r}")
+        requested = precision or cfg.train.precision
+        if requested not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16; got {requested!r}")
+        if requested == "fp16" and self.device.type == "cpu":
+            requested = "fp32"  # CPU fp16 autocast is slow and gains nothing at inference
+        # precision and layout are chosen for the device that predicts, not the one that trained (diffmis.hardware)
+        self.resolved = resolve_for(requested, cfg.train.channels_last if precision is None else "auto", self.device)
+        self.precision = self.resolved.precision
+        if self.resolved.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
 
         allowed = _SAMPLERS[self.kind]
         if sampler is not None and sampler not in allowed:
@@ -314,8 +322,9 @@ class Predictor:
                 kw["init"] = init  # batch B: ensemble_predict repeats it like the image (repeat_interleave)
                 kw["start_step"] = self.start_step
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        prec = "fp32" if (self.precision == "fp16" and self.device.type == "cpu") else self.precision
-        with torch.no_grad(), autocast(self.device, prec):
+        if self.resolved.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast(self.device, self.precision):
             res = ensemble_predict(self.method, img, n=self.ensemble, fuse=self.fuse, threshold=self.threshold,
                                    keep_samples=True, generator=gen, **kw)
         self._nfe += res.nfe + extra_nfe

@@ -42,7 +42,7 @@ def quickstart_config(data_root: Path, out_dir: Path, minutes: float, seed: int 
                   "segmentor": {"name": "unet", "params": {"features": [16, 16, 32, 64, 128, 16]}}},
         "diffusion": {"kind": "bernoulli", "timesteps": 10, "schedule": "cosine"},
         "train": {"max_steps": 100000, "max_minutes": minutes, "batch_size": 8, "lr": 1e-3,
-                  "lr_schedule": "constant", "warmup_steps": 20, "ema_decay": 0.99, "precision": "bf16",
+                  "lr_schedule": "constant", "warmup_steps": 20, "ema_decay": 0.99, "precision": "auto",
                   "w_diff": 0.1, "pretrain_steps": 0, "val_every": 0, "log_every": 10, "grad_clip": 1.0},
         # one Bernoulli-DDIM step (T-1 -> 0) scored best after a few hundred CPU steps: 0.878 vs 0.864 for ten
         # steps on the MNI val slices (benchmarks/results/hidiff_mni.json); `diffmis predict --steps 10` for more

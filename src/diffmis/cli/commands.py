@@ -25,3 +25,20 @@ def load_verb(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Ver
     """Return (add_arguments, run) of a verb."""
     mod = importlib.import_module(f"diffmis.cli.verb_{name}")
     return mod.add_arguments, mod.run
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the message names the value)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch threads (default: the cores this process may use, diffmis.hardware)."""
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="torch threads (default: the cores this process may use: CPU affinity and cgroup quota)")

@@ -17,7 +17,8 @@ def _tune_allocator() -> None:
         return
     from diffmis.allocator import tune_malloc
 
-    tune_malloc()
+    if tune_malloc():
+        os.environ["DIFFMIS_MALLOC_TUNED"] = "1"  # recorded by diffmis.hardware.machine_record
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -51,6 +52,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from diffmis.errors import DiffmisError
 
     try:
+        if hasattr(args, "threads"):  # verbs that run networks: threads = usable cores unless --threads says
+            from diffmis.hardware import set_threads
+
+            set_threads(args.threads)
         return int(args.func(args) or 0)
     except DiffmisError as err:
         print(f"diffmis {args.verb}: error: {err}", file=sys.stderr)

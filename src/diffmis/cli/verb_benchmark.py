@@ -7,6 +7,8 @@ source tree's ``benchmarks/`` (docs/benchmarks.md)."""
 from __future__ import annotations
 
 import argparse
+
+from diffmis.cli.commands import add_threads_argument
 import json
 from pathlib import Path
 
@@ -21,22 +23,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps left out of the timing (default 2)")
     p.add_argument("--size", type=int, default=None, help="square working size (default: the config's)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default: the config's)")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="training/prediction precision (default: the config's)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32", "config"), default="auto",
+                   help="training/prediction precision (default auto: what this machine would choose; 'config': "
+                        "the config's train.precision)")
     p.add_argument("--predict-images", type=int, default=4, help="images timed at prediction (default 4)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_threads_argument(p)
     p.add_argument("--out", default=None, metavar="FILE", help="write the result as JSON here")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from diffmis.benchmarking import speed_profile
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    precision = None if args.precision == "config" else args.precision
     res = speed_profile(args.config, tuple(args.overrides), steps=args.steps, warmup=args.warmup, size=args.size,
-                        batch=args.batch, precision=args.precision, predict_images=args.predict_images)
+                        batch=args.batch, precision=precision, predict_images=args.predict_images)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

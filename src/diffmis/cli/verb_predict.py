@@ -7,6 +7,8 @@ written); 2 nothing could start (missing run, bad option, no inputs).
 from __future__ import annotations
 
 import argparse
+
+from diffmis.cli.commands import add_threads_argument
 import sys
 
 HELP = "segment images or volumes with a trained run"
@@ -30,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="PD-DDPM start step T' (1..T); 0 runs the full chain from pure noise")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images / slices / sliding windows per network batch (default: the run's sample.batch_size)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                   help="default: the run's train.precision, resolved for this machine when auto")
     p.add_argument("--prob", action="store_true", help="also write probability maps (prob/<id>.npy)")
     p.add_argument("--uncertainty", action="store_true",
                    help="also write uncertainty maps (uncertainty/<id>.npy variance, entropy/<id>.npy in bits)")
@@ -38,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmis.cli.commands import add_threads_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="quickstart", help="output folder (replaced), default ./quickstart")
@@ -12,6 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "takes about 2 minutes more)")
     p.add_argument("--image-size", type=int, default=96, help="slice size the networks see (default 96)")
     p.add_argument("--seed", type=int, default=0)
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:

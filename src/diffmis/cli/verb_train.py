@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmis.cli.commands import add_threads_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (optional with --resume: the run's own config is used)")
@@ -13,6 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue exactly from RUN/checkpoints/last")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N optimizer steps in this invocation (saving last); resume later")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from diffmis.config import Config, dump_config, load_config
 from diffmis.data import build_dataset
 from diffmis.diffusion import GaussianMethod, HiDiffMethod, SegmentationMethod, build
 from diffmis.errors import CheckpointError, ConfigError, DiffmisError
+from diffmis.hardware import Resolved, cpu_info, resolve_for
 from diffmis.metrics import dice_batch
 from diffmis.training import distributed as distu
 from diffmis.training.checkpoint import load_checkpoint, load_weights_into, read_state, save_checkpoint
@@ -245,11 +246,12 @@ class _Logger:
 
 @torch.no_grad()
 def validate(method: SegmentationMethod, ds, cfg: Config, device: torch.device, max_batches: Optional[int],
-             info: distu.DistInfo) -> dict[str, Any]:
+             info: distu.DistInfo, run: Optional[Resolved] = None) -> dict[str, Any]:
     """Mean foreground Dice on ``ds`` with the config's sampler (a fixed generator: comparable across steps).
 
     At most ``max_batches * sample.batch_size`` images. Patch-trained runs (``data.patch_size``) predict each whole
     image with sliding windows of the patch size (overlap 0.25, Gaussian blending), as ``diffmis predict`` does."""
+    run = run or resolve_for(cfg.train.precision, cfg.train.channels_last, device)
     method.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.experiment.seed + 12345)
     n = len(ds)
@@ -277,10 +279,10 @@ def validate(method: SegmentationMethod, ds, cfg: Config, device: torch.device, 
         batch = _collate([ds[i] for i in idx[start:start + per_batch]])
         image = batch["image"].to(device)
         mask = batch["mask"].to(device)
-        if cfg.train.channels_last:
+        if run.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         calls[0] = 0
-        with autocast(device, cfg.train.precision):
+        with autocast(device, run.precision):
             if inferer is not None:
                 probs = inferer(image, sample_probs)
             else:
@@ -350,8 +352,9 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
         val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False)
 
     # ---- model, optimizers, EMA ----
+    run = resolve_for(tc.precision, tc.channels_last, device)
     method = build(cfg).to(device)
-    if tc.channels_last:
+    if run.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if isinstance(method, GaussianMethod) and method.prior is not None and tc.prior_run:
         _load_prior_run(method, tc.prior_run)
@@ -363,6 +366,9 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
     else:
         groups = [_trainable(method)]
     optimizers = [torch.optim.AdamW(g, lr=tc.lr, weight_decay=tc.weight_decay) for g in groups]
+    # fp16: one gradient scaler per optimizer (HiDiff's two phases step separately), so small gradients do not
+    # underflow; bf16 and fp32 need none
+    scalers = [torch.amp.GradScaler(device.type) for _ in optimizers] if run.grad_scaler else []
     ema_mod = method.ema_module()
     ema = EMA(ema_mod, tc.ema_decay) if (ema_mod is not None and tc.ema_decay) else None
     gen = torch.Generator(device=device).manual_seed(seed * 1009 + info.rank)
@@ -375,6 +381,8 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
         state = load_checkpoint(ck, method, optimizers=optimizers, generator=gen, restore_rng_state=True,
                                 expect={"recipe": cfg.experiment.recipe, "model": cfg.model.name})
         step, epoch, bie = state["step"], state["epoch"], state["batch_in_epoch"]
+        for scaler, sd in zip(scalers, state.get("grad_scalers") or []):
+            scaler.load_state_dict(sd)
         best = state.get("best_dice")
         if ema is not None and "ema_shadow" in state:
             ema.shadow = {k: v.to(device) for k, v in state["ema_shadow"].items()}
@@ -393,9 +401,15 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
     logger = _Logger(run_dir, info.is_main)
     n_params = sum(p.numel() for p in method.parameters())
     if info.is_main:
+        if run.warning:
+            log(f"warning: {run.warning}")
         log(f"diffmis train: recipe={cfg.experiment.recipe} model={cfg.model.name} params={n_params / 1e6:.2f}M "
             f"train={len(train_ds)} val={len(val_ds) if val_ds is not None else 0} world={info.world_size} "
-            f"device={device.type} precision={tc.precision} -> {run_dir}")
+            f"device={device.type} threads={torch.get_num_threads()} {run.describe()} -> {run_dir}")
+        if not resume or step == 0:
+            logger.write({"step": step, "phase": "setup", "device": device.type, "world_size": info.world_size,
+                          "torch_threads": torch.get_num_threads(), **run.record(),
+                          "cpu": cpu_info().record() if device.type == "cpu" else None})
 
     def checkpoint(tag: str) -> None:
         if info.is_main:
@@ -403,7 +417,8 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
                             batch_in_epoch=batches.batch_in_epoch, optimizers=optimizers,
                             ema_shadow=ema.shadow if ema else None, ema_updates=ema.num_updates if ema else 0,
                             generator=gen, config=cfg.to_dict(),
-                            extra={"best_dice": best, "recipe": cfg.experiment.recipe})
+                            extra={"best_dice": best, "recipe": cfg.experiment.recipe, "resolved": run.record(),
+                                   "grad_scalers": [sc.state_dict() for sc in scalers]})
         distu.barrier()
 
     def run_validation() -> dict[str, Any]:
@@ -412,7 +427,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
             return {}
         ctx = ema.applied() if (ema is not None and cfg.sample.use_ema) else contextlib.nullcontext()
         with ctx:
-            res = validate(method, val_ds, cfg, device, tc.val_max_batches, info)
+            res = validate(method, val_ds, cfg, device, tc.val_max_batches, info, run)
         if not res:
             return res
         logger.write({"step": step, "phase": "val", "time": round(time.time() - t_start, 3), **res})
@@ -451,37 +466,46 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
             micro = [next(batches) for _ in range(tc.grad_accum)]
             terms_sum: dict[str, float] = {}
 
-            def run_phase(loss_fn, opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+            def run_phase(loss_fn, idx: int) -> None:
+                opt, params = optimizers[idx], groups[idx]
+                scaler = scalers[idx] if scalers else None
                 opt.zero_grad(set_to_none=True)
                 for b in micro:
                     image = b["image"].to(device, non_blocking=True)
                     mask = b["mask"].to(device, non_blocking=True)
-                    if tc.channels_last:
+                    if run.channels_last:
                         image = image.contiguous(memory_format=torch.channels_last)
-                    with autocast(device, tc.precision):
+                    with autocast(device, run.precision):
                         out = loss_fn(image, mask, step, gen)
                     ok = torch.tensor([float(torch.isfinite(out.total).item())])
                     if distu.all_reduce_sum(ok).item() < info.world_size:
                         raise _NonFinite(", ".join(f"{k}={float(v):.4g}" for k, v in out.terms.items()))
-                    (out.total / tc.grad_accum).backward()
+                    loss = out.total / tc.grad_accum
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
                     for k, v in out.terms.items():
                         terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / tc.grad_accum
                 _average_gradients(params, info.world_size)
+                if scaler is not None:
+                    scaler.unscale_(opt)  # clip the true gradients; inf/nan ones make scaler.step skip the step
                 if tc.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                opt.step()
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
 
             if hidiff:
                 assert isinstance(method, HiDiffMethod)
                 if step >= tc.pretrain_steps:  # METHODS 5.5 step 1: refiner on the detached prior
-                    run_phase(method.refiner_loss, optimizers[1], groups[1])
+                    run_phase(method.refiner_loss, 1)
                     if ema is not None:
                         ema.update()
                 with_bbdm = step >= tc.pretrain_steps
                 run_phase(lambda i, m, s, g: method.segmentor_loss(i, m, s, g, with_bbdm=with_bbdm),
-                          optimizers[0], groups[0])  # step 2: L_S + w_diff * L_BBDM
+                          0)  # step 2: L_S + w_diff * L_BBDM
             else:
-                run_phase(method.loss, optimizers[0], groups[0])
+                run_phase(method.loss, 0)
                 if ema is not None:
                     ema.update()
             if info.world_size > 1:  # keep buffers (BatchNorm statistics) identical across ranks
