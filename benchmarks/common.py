@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from diffmis.benchmarking import cpu_model  # the CPU model name; also in every `diffmis benchmark` JSON
+from diffmis.hardware import machine_record
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -48,7 +49,7 @@ _ENV_KEYS = ("GLIBC_TUNABLES", "LD_PRELOAD", "DIFFMIS_NO_MALLOC_TUNING", "DIFFMI
 # ======================================================================================================
 
 
-def cpu_flags(wanted: Sequence[str] = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")) -> list[str]:
+def cpu_flags(wanted: Sequence[str] = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")) -> list[str]:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -88,6 +89,7 @@ def environment() -> dict[str, Any]:
         **git_state(),
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
+        "machine": machine_record(),  # CPU model, ISA flags and caps, usable cores, native bf16
         "cores": cores,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

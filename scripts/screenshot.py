@@ -42,6 +42,8 @@ def screenshot(html: Path, png: Path, width: int = 1280, height: int = 2400, tim
     with tempfile.TemporaryDirectory(prefix="diffmis-chromium-") as profile:
         cmd = [
             browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+            # offline machines: no background connections (update checks, sync, QUIC probes) to wait on
+            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
             f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size={width},{height}",
             html.resolve().as_uri(),
         ]

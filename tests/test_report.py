@@ -1,6 +1,7 @@
 """HTML report: self-contained, all sections, robust to a bare run folder; screenshot through headless Chromium."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -124,10 +125,13 @@ def test_missing_run_folder(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.skipif(
-    not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
-    reason="no Chromium on PATH (apt-get install -y chromium)",
+    not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome"))
+    and not os.environ.get("DIFFMIS_REQUIRE_BROWSER"),
+    reason="no Chromium on PATH (apt-get install -y chromium; .ci/run installs it)",
 )
 def test_screenshot(full_html, tmp_path):
+    """The report as a user sees it, rendered by headless Chromium (CI sets DIFFMIS_REQUIRE_BROWSER once it has
+    installed Chromium, so a missing browser fails there instead of skipping)."""
     png = tmp_path / "shot.png"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot.py"), str(full_html), str(png)],
                           capture_output=True, text=True, timeout=180)
