@@ -2,7 +2,7 @@
 
 Runs ``diffmis benchmark CONFIG --size S`` (the real trainer and predictor on synthetic data) as separate processes,
 one variant after the other, in ``--rounds`` rounds with the variant order rotated each round (adjacent runs see the
-same machine state). Variants:
+same machine state), after one discarded warm-up run. Variants:
 
 * ``auto``: the default (``--precision auto``; channels_last auto);
 * ``fp32``, ``bf16``: explicit precision, channels_last auto;
@@ -16,7 +16,7 @@ Writes ``benchmarks/results/precision.json`` (or ``--out``): per variant the med
 time over the rounds, the resolved precision of ``auto``, and the acceptance check "auto within 15% of the faster
 of fp32 and bf16" for training and prediction.
 
-    .venv/bin/python benchmarks/precision.py                       # hidiff_mni at 96, 2 rounds
+    .venv/bin/python benchmarks/precision.py                       # hidiff_mni at 96, 3 rounds
     .venv/bin/python benchmarks/precision.py --emulate-avx2        # + the AVX2-capped variants
 """
 
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--images", type=int, default=4, help="timed prediction images per run")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="default: diffmis's (the usable cores)")
     p.add_argument("--emulate-avx2", action="store_true", help="also run the AVX2-capped variants")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
@@ -86,6 +86,7 @@ def main() -> None:
     names = args.variants or [n for n in VARIANTS if args.emulate_avx2 or not n.startswith("avx2")]
     monitor = CpuMonitor()
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    run_variant(names[0], args)  # warm-up, discarded: the first process after a pause starts cold
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:

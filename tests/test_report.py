@@ -36,7 +36,9 @@ def write_bare_run(run: Path) -> None:
     (run / "config.yaml").write_text(
         "experiment:\n  name: toy_hidiff\n  recipe: hidiff\nmodel:\n  name: bbdm\ntrain:\n  max_steps: 40\n"
     )
-    lines = []
+    lines = [{"step": 0, "phase": "setup", "device": "cpu", "precision": "fp32", "channels_last": False,
+              "grad_scaler": False, "reason": "auto: CPU has no native bf16 (AVX2)", "torch_threads": 2,
+              "cpu": {"model": "Test CPU", "flags": ["avx2"]}}]
     for step in range(10, 50, 10):
         lines.append({"step": step, "phase": "train", "time": step * 0.5, "lr": 1e-3, "loss": 1.0 / step,
                       "seg": 0.6 / step, "diff": 0.4 / step, "images_per_s": 30.0})
@@ -95,6 +97,8 @@ def test_full_report(full_html):
     text = full_html.read_text()
     assert_self_contained(text)
     assert "diffmis report: toy_hidiff" in text
+    # the precision the training machine resolved (metrics.jsonl setup line), next to the config's request
+    assert "fp32 (auto: CPU has no native bf16 (AVX2)), channels_last=false, 2 thread(s), Test CPU" in text
     for heading in ("Configuration", "Training curves", "Metrics", "Cases: best, median, worst",
                     "Dice against network evaluations"):
         assert f"<h2>{heading}" in text

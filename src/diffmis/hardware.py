@@ -8,9 +8,10 @@ Nothing here assumes one kind of machine. The choices are made at run time from 
   ``ONEDNN_MAX_CPU_ISA`` / ``ATEN_CPU_CAPABILITY``), else fp32: without native bf16, autocast emulates it and
   runs many times slower (``benchmarks/results/precision.json``). An explicit ``fp32`` / ``bf16`` / ``fp16``
   always wins; an explicit ``bf16`` on a CPU without native bf16 warns with the measured cost.
-* **channels_last** (``train.channels_last: auto``): on only where it measured faster: CPUs running bf16
-  (oneDNN's blocked bf16 kernels prefer NHWC). Off for fp32 on CPUs (measured slower) and on CUDA (not
-  measured in this project).
+* **channels_last** (``train.channels_last: auto``): on only where it measured faster for that device kind, and
+  so far that is nowhere: NCHW measured faster for fp32 (Intel Xeon with AMX, AMD EPYC Zen 4) and for bf16 on
+  AVX512-BF16 without AMX (EPYC Zen 4, ``benchmarks/results/precision.json``); bf16 on AMX and CUDA have not
+  been compared here, so they stay NCHW until ``benchmarks/precision.py`` shows otherwise. ``true`` forces it.
 * **Threads**: the cores this process may use (CPU affinity, capped by a cgroup CPU quota), see
   :func:`usable_cores`; ``--threads`` overrides it.
 
@@ -101,10 +102,14 @@ class CpuInfo:
                 return name
         return "baseline"
 
-    def summary(self) -> str:
+    def isa_summary(self) -> str:
+        """The ISA and any cap put on it, e.g. ``AVX512-BF16, ONEDNN_MAX_CPU_ISA=AVX2``."""
         caps = [f"ONEDNN_MAX_CPU_ISA={self.onednn_cap}"] if self.onednn_cap else []
         caps += [f"ATEN_CPU_CAPABILITY={self.aten_cap}"] if self.aten_cap else []
-        return f"{self.model} ({self.isa}{', ' + ', '.join(caps) if caps else ''})"
+        return ", ".join([self.isa, *caps])
+
+    def summary(self) -> str:
+        return f"{self.model} ({self.isa_summary()})"
 
     def record(self) -> dict[str, Any]:
         """JSON-able record for benchmark files: model, ISA, the flags that matter, caps."""
@@ -275,7 +280,6 @@ def resolve_precision(requested: str, channels_last: Union[bool, str], device_ty
             prec, reason = "fp16", f"auto: {dev.name} (sm_{dev.capability[0]}{dev.capability[1]}) has no bf16"
         else:
             prec, reason = "fp32", "auto: this GPU has no fast half precision"
-        cl_auto = False  # not measured on CUDA in this project
     elif device_type == "cpu":
         info = cpu if cpu is not None else cpu_info()
         if requested != "auto":
@@ -284,16 +288,14 @@ def resolve_precision(requested: str, channels_last: Union[bool, str], device_ty
                 warning = (f"precision=bf16 on a CPU without native bf16 ({info.summary()}): autocast emulates "
                            f"it; measured {EMULATED_BF16_COST}. Use precision: auto (fp32 here).")
         elif info.native_bf16:
-            prec, reason = "bf16", f"auto: CPU has native bf16 ({info.isa})"
+            prec, reason = "bf16", f"auto: CPU has native bf16 ({info.isa_summary()})"
         else:
-            prec, reason = "fp32", f"auto: CPU has no native bf16 ({info.isa})"
-        cl_auto = prec == "bf16"  # measured: faster with bf16, slower with fp32 (results/precision.json)
+            prec, reason = "fp32", f"auto: CPU has no native bf16 ({info.isa_summary()})"
     else:
         prec = requested if requested != "auto" else "fp32"
         reason = "explicit" if requested != "auto" else f"auto: {device_type} device"
-        cl_auto = False
     if channels_last == "auto":
-        cl = cl_auto
+        cl = False  # faster nowhere it was compared (module docstring; results/precision.json)
     elif isinstance(channels_last, bool):
         cl = channels_last
     else:

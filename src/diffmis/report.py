@@ -260,6 +260,13 @@ def _config_section(run: _Run) -> str:
         out.append(_missing(run.problems.get("config", "no configuration")))
         return "".join(out)
     rows = [[_esc(k), _esc(v)] for k in _CONFIG_KEYS if (v := _dotted(run.config, k)) is not None]
+    setup = [r for r in run.records if r.get("phase") == "setup"]
+    if setup:  # what the training machine resolved "auto" to (metrics.jsonl setup line)
+        s = setup[-1]
+        cpu = s.get("cpu") if isinstance(s.get("cpu"), dict) else {}
+        rows.append(["trained with", _esc(f"{s.get('precision')} ({s.get('reason')}), channels_last="
+                                          f"{str(s.get('channels_last')).lower()}, {s.get('torch_threads')} thread(s)"
+                                          + (f", {cpu.get('model')}" if cpu.get("model") else ""))])
     out.append(_table(["key", "value"], rows, left=2) if rows else "<p>No summary keys found.</p>")
     out.append(f"<details><summary>full config.yaml</summary><pre>{_esc(run.config_text)}</pre></details>")
     return "".join(out)
