@@ -3,12 +3,11 @@ in-process mallopt form, jemalloc and tcmalloc (LD_PRELOAD, where installed).
 
 Each run is a fresh subprocess (allocator variables are read at process start) that calls the real trainer,
 ``diffmis.training.train``, on the ``configs/<recipe>_kvasir.yaml`` networks with synthetic data (no decoding in
-the measurement): by default MedSegDiff at 64x64, batch 8, 20 optimizer steps, bf16 + channels_last. Settings
-alternate (the order rotates every repeat) and every setting runs ``--repeats`` times. One torch thread by
-default (``--threads``): on a shared 2-core machine two spinning OpenMP threads lose whole scheduler slices
-whenever another process holds a core. Measured per run: the median step time after ``--warmup`` steps (from the
-trainer's per-step ``images_per_s`` in metrics.jsonl), the whole subprocess wall time (start-up and imports
-included), peak RSS and minor page faults. Speed-ups against ``default`` are taken repeat by repeat.
+the measurement): by default MedSegDiff at 64x64, batch 8, 20 optimizer steps, precision auto (what this CPU
+resolves, recorded). Settings alternate (the order rotates every repeat) and every setting runs ``--repeats``
+times, with diffmis's default threads (``--threads``). Measured per run: the median step time after
+``--warmup`` steps (from the trainer's per-step ``images_per_s`` in metrics.jsonl), the whole subprocess wall time
+(start-up and imports included), peak RSS and minor page faults. Speed-ups against ``default`` are taken repeat by repeat.
 
 Writes ``benchmarks/results/malloc.json``. The machine may be shared: run it under the benchmark lock,
 
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffmis.hardware import resolve_precision  # noqa: E402
 from common import (  # noqa: E402
     MALLOC_SETTINGS,
     RESULTS,
@@ -56,8 +56,9 @@ def worker(args: argparse.Namespace) -> None:
         assert tune_malloc(), "mallopt is not available"
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from diffmis.hardware import set_threads
+
+    set_threads(args.threads or None)
     from diffmis.config import load_config
     from diffmis.training import train
 
@@ -66,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
         f"data.synthetic.n_train={max(16, args.batch * 4)}", f"model.params.image_size={args.size}",
         f"train.batch_size={args.batch}", f"train.max_steps={args.steps}", "train.log_every=1",
         "train.val_every=0", "train.ckpt_every=0", "train.progress=false", "train.pretrain_steps=0",
-        f"train.precision={args.precision}", f"train.channels_last={str(args.precision == 'bf16').lower()}",
+        f"train.precision={args.precision}", "train.channels_last=auto",
     ] if args.recipe != "segmentor" else [])
     with tempfile.TemporaryDirectory(prefix="diffmis-malloc-") as tmp:
         res = train(cfg, Path(tmp) / "run", log=lambda s: None)
@@ -105,9 +106,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the median step time")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (0: torch's default); 1 by default: see docs/benchmarks.md, threads")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="default auto: what this machine resolves (recorded)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0, the default: diffmis's default, the usable cores)")
     p.add_argument("--quick", action="store_true", help="32x32, 4 steps (2 warm-up), 1 repeat; no result file")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -148,7 +150,8 @@ def main() -> None:
         "workload": {"trainer": "diffmis.training.train", "recipe": args.recipe,
                      "networks": f"configs/{args.recipe}_kvasir.yaml", "data": "synthetic (no decoding)",
                      "size": args.size, "batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup,
-                     "precision": args.precision, "channels_last": args.precision == "bf16",
+                     "precision": args.precision, "channels_last": "auto",
+                     "resolved": resolve_precision(args.precision, "auto", "cpu").record(),
                      "repeats": args.repeats, "order": "alternating, rotated every repeat",
                      "torch_threads": args.threads or "default"},
         "settings": {s: {k: v for k, v in malloc_env(s, {}).items() if k in ("GLIBC_TUNABLES", "LD_PRELOAD")}

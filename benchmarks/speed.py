@@ -2,10 +2,11 @@
 
 The peer: ``Unet(dim=32, image_size=S, mask_channels=1, input_img_channels=3, dim_mults=(1, 2, 4, 8))`` wrapped in
 ``MedSegDiff(unet, timesteps=1000)`` (cosine schedule, noise prediction), about 13.5M parameters at S=128 (its
-FF-Parser maps grow with S). diffmis: the ``medsegdiff`` recipe (same schedule and objective) with the widths
-whose parameter count is closest to the peer's at 128x128, searched here by counting parameters over the
-candidates of :func:`candidates` (same base width 32 and four levels as the peer); the match must be within
-10%.
+FF-Parser maps grow with S). diffmis: the ``medsegdiff`` recipe (same schedule and objective) in two layouts
+(:data:`LAYOUTS`), each within 10% of the peer's parameter count at 128x128: ``peer_widths``, the peer's widths
+at each of its resolutions with its 256-wide bottleneck one level deeper and one ResBlock per level (as the
+shipped configs), and ``four_levels``, the earlier choice (the peer's four levels, two ResBlocks, the
+closest parameter count). Both are reported.
 
 Per image size (128 and 256) and batch 8, in one process, the variants alternate step by step (the order
 rotates every repeat):
@@ -15,11 +16,12 @@ rotates every repeat):
 * ``denoise``: one network evaluation as in sampling (``torch.inference_mode``; diffmis reuses the condition
   computed once per image, as its sampler does).
 
-Variants: ``peer_fp32``, ``diffmis_fp32``, ``diffmis_bf16_cl`` (bf16 autocast + channels_last). Median of
-``--repeats`` steps after ``--warmup`` steps; the diffmis speed-up (peer time / diffmis time) is computed repeat
-by repeat (adjacent steps, so load changes on a shared machine mostly cancel) and summarised by its median.
-One torch thread by default (``--threads``; see docs/benchmarks.md: two spinning OpenMP threads on a shared
-2-core machine lose whole scheduler slices whenever another process holds a core).
+Variants: ``peer_fp32``; ``diffmis_fp32`` and ``diffmis_fp32_four_levels`` (the two layouts in fp32);
+``diffmis_auto`` (``peer_widths`` in the precision diffmis resolves on this CPU: bf16 autocast where the CPU has
+native bf16, else fp32 again). Median of ``--repeats`` steps after ``--warmup`` steps; the diffmis speed-up (peer
+time / diffmis time) is computed repeat by repeat (adjacent steps, so load changes on a shared machine mostly
+cancel) and summarised by its median. Threads: diffmis's default (the usable cores less those other processes
+keep busy; ``--threads`` to fix it), the same for every variant.
 Peak memory: each (size, mode, variant) also runs alone in a fresh subprocess (two training steps, or one
 denoising step; before the group's timing, with this process's heap released) whose peak RSS (VmHWM; imports
 included) is reported, with the RSS after building as the baseline.
@@ -66,7 +68,7 @@ OUT = RESULTS / "speed.json"
 PEER = {"dim": 32, "mask_channels": 1, "input_img_channels": 3, "dim_mults": (1, 2, 4, 8)}
 PEER_DIFFUSION = {"timesteps": 1000}  # MedSegDiff defaults: cosine betas, objective pred_noise
 C_IMG, K = 3, 1
-VARIANTS = ("peer_fp32", "diffmis_fp32", "diffmis_bf16_cl")
+VARIANTS = ("peer_fp32", "diffmis_fp32", "diffmis_auto", "diffmis_fp32_four_levels")
 MODES = ("train", "denoise")
 MATCH_SIZE = 128
 LR = 1e-4
@@ -88,11 +90,19 @@ def n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def candidates() -> list[dict[str, Any]]:
-    """diffmis MedSegDiff widths considered: the peer's base width (32) and number of levels (4), full
-    self-attention at the deepest level only (as the peer), 1 or 2 ResBlocks per level, deepest multiplier 4-8."""
-    return [{"width": 32, "channel_mult": [1, 2, 4, m], "num_res_blocks": r, "attention_levels": [3],
-             "head_channels": 32} for r in (2, 1) for m in (4, 5, 6, 8)]
+#: diffmis MedSegDiff layouts compared with the peer (both within 10% of its parameter count at 128x128)
+LAYOUTS: dict[str, dict[str, Any]] = {
+    # the peer's widths at each of its resolutions (32, 32, 64, 128 at 1/1 .. 1/8) and its 256-wide bottleneck,
+    # one level deeper (1/16), with one ResBlock per level as the shipped configs
+    "peer_widths": {"width": 32, "channel_mult": [1, 1, 2, 4, 8], "num_res_blocks": 1, "attention_levels": [4],
+                    "head_channels": 32},
+    # the earlier choice: the peer's four levels and base width, the closest parameter count (2 ResBlocks)
+    "four_levels": {"width": 32, "channel_mult": [1, 2, 4, 6], "num_res_blocks": 2, "attention_levels": [3],
+                    "head_channels": 32},
+}
+#: variant -> (layout, precision): precision "auto" is what diffmis resolves on this CPU (bf16 with native bf16)
+DIFFMIS_VARIANTS = {"diffmis_fp32": ("peer_widths", "fp32"), "diffmis_auto": ("peer_widths", "auto"),
+                    "diffmis_fp32_four_levels": ("four_levels", "fp32")}
 
 
 def diffmis_config(params: dict[str, Any], size: int, batch: int):
@@ -113,20 +123,19 @@ def diffmis_method(params: dict[str, Any], size: int, batch: int):
     return build(diffmis_config(params, size, batch))
 
 
-def match_widths() -> tuple[dict[str, Any], list[dict[str, Any]], int]:
-    """The candidate whose parameter count (at 128x128) is closest to the peer's; every candidate's count."""
+def layout_params() -> tuple[dict[str, Any], int]:
+    """Each layout's parameter count at 128x128 and its ratio to the peer's; every one must be within 10%."""
     import torch
 
     torch.manual_seed(0)
     target = n_params(peer_model(MATCH_SIZE).model)
-    rows = []
-    for c in candidates():
+    rows = {}
+    for name, c in LAYOUTS.items():
         n = n_params(diffmis_method(c, MATCH_SIZE, 1).denoiser)
-        rows.append({"params": c, "n_params": n, "rel_diff": round(n / target - 1, 4)})
-    best = min(rows, key=lambda r: abs(r["rel_diff"]))
-    if abs(best["rel_diff"]) > 0.10:
-        raise SystemExit(f"no candidate within 10% of the peer's {target} parameters: {rows}")
-    return best["params"], rows, target
+        rows[name] = {"params": c, "n_params": n, "rel_diff": round(n / target - 1, 4)}
+        if abs(n / target - 1) > 0.10:
+            raise SystemExit(f"layout {name} has {n} parameters, more than 10% from the peer's {target}")
+    return rows, target
 
 
 # ======================================================================================================
@@ -134,7 +143,7 @@ def match_widths() -> tuple[dict[str, Any], list[dict[str, Any]], int]:
 # ======================================================================================================
 
 
-def make_step(variant: str, mode: str, size: int, batch: int, params: dict[str, Any]) -> tuple[Callable[[], Any], int]:
+def make_step(variant: str, mode: str, size: int, batch: int) -> tuple[Callable[[], Any], int]:
     """A closure running one step of ``variant`` in ``mode`` on fixed random inputs; and the network's size."""
     import torch
 
@@ -163,12 +172,14 @@ def make_step(variant: str, mode: str, size: int, batch: int, params: dict[str, 
                     net(x_t, t, image)
         return step, n_params(net)
 
+    from diffmis.hardware import resolve_precision
     from diffmis.utils import autocast
 
-    bf16 = variant == "diffmis_bf16_cl"
-    method = diffmis_method(params, size, batch)
-    precision = "bf16" if bf16 else "fp32"
-    if bf16:
+    layout, requested = DIFFMIS_VARIANTS[variant]
+    method = diffmis_method(LAYOUTS[layout], size, batch)
+    run = resolve_precision(requested, "auto", "cpu")
+    precision = run.precision
+    if run.channels_last:
         method = method.to(memory_format=torch.channels_last)
         image = image.contiguous(memory_format=torch.channels_last)
         x_t = x_t.contiguous(memory_format=torch.channels_last)
@@ -202,24 +213,20 @@ def make_step(variant: str, mode: str, size: int, batch: int, params: dict[str, 
 
 def memory_worker(args: argparse.Namespace) -> None:
     ensure_malloc(args.malloc)
-    import torch
+    from diffmis.hardware import set_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    params = json.loads(args.params)
+    set_threads(args.threads or None)
     base0 = current_rss_mib()
-    step, _ = make_step(args.variant, args.mode, args.size, args.batch, params)
+    step, _ = make_step(args.variant, args.mode, args.size, args.batch)
     built = current_rss_mib()
     times = [timed(step) for _ in range(args.mem_steps if args.mode == "train" else 1)]
     print(json.dumps({"peak_rss_mib": round(peak_rss_mib(), 1), "rss_after_import_mib": base0,
                       "rss_after_build_mib": built, "step_s": [round(x, 3) for x in times]}))
 
 
-def measure_memory(variant: str, mode: str, size: int, batch: int, args: argparse.Namespace,
-                   params: dict[str, Any]) -> dict[str, Any]:
+def measure_memory(variant: str, mode: str, size: int, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", "--variant", variant, "--mode", mode,
-           "--size", str(size), "--batch", str(batch), "--malloc", args.malloc,
-           "--mem-steps", str(args.mem_steps), "--params", json.dumps(params)]
+           "--size", str(size), "--batch", str(batch), "--malloc", args.malloc, "--mem-steps", str(args.mem_steps)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -277,8 +284,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--malloc", default="glibc", choices=MALLOC_SETTINGS)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (0: torch's default); 1 by default: see docs/benchmarks.md, threads")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0, the default: diffmis's default, the usable cores less busy ones)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses (and the batch guard)")
     p.add_argument("--mem-steps", type=int, default=2,
                    help="training steps of each peak-RSS subprocess (the second holds the AdamW state and the "
@@ -294,7 +301,6 @@ def main() -> None:
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--params", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_worker:
         return memory_worker(args)
@@ -304,15 +310,19 @@ def main() -> None:
     ensure_malloc(args.malloc)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from diffmis.hardware import resolve_precision, set_threads
+
+    set_threads(args.threads or None)
     env = environment()
     budget = args.max_gib * 1024 if args.max_gib else 0.6 * mem_available_mib()
     env["mem_available_mib_start"] = round(mem_available_mib())
     mon = CpuMonitor()
     t_start = time.time()
-    params, search, peer_n128 = match_widths()
-    print(f"peer {peer_n128 / 1e6:.2f}M parameters at {MATCH_SIZE}; diffmis widths {params}", flush=True)
+    layouts, peer_n128 = layout_params()
+    auto = resolve_precision("auto", "auto", "cpu")
+    print(f"peer {peer_n128 / 1e6:.2f}M parameters at {MATCH_SIZE}; diffmis layouts "
+          + ", ".join(f"{k} {v['n_params'] / 1e6:.2f}M" for k, v in layouts.items())
+          + f"; diffmis_auto: {auto.describe()}", flush=True)
 
     results: list[dict[str, Any]] = []
     measured: dict[tuple[str, str], dict[str, Any]] = {}
@@ -323,7 +333,7 @@ def main() -> None:
         mismatch = [k for k in same if earlier["settings"].get(k) != {
             "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup, "malloc": args.malloc,
             "torch_threads": torch.get_num_threads()}[k]]
-        if mismatch or earlier["diffmis"]["params"] != params:
+        if mismatch or earlier["diffmis"].get("layouts") != layouts:
             raise SystemExit(f"--resume: {args.out} was run with other settings ({mismatch or 'diffmis params'})")
         results.extend(r for r in earlier["results"] if r["size"] in args.sizes and r["mode"] in args.modes)
         for r in results:
@@ -340,7 +350,7 @@ def main() -> None:
             "settings": {"sizes": args.sizes, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
                          "modes": args.modes, "malloc": args.malloc, "torch_threads": torch.get_num_threads(),
                          "order": "alternating, rotated every repeat", "optimizer": f"AdamW lr {LR}",
-                         "diffmis_bf16": "torch.autocast(cpu, bfloat16) + channels_last",
+                         "diffmis_auto": auto.record(),
                          "speedup": "peer_fp32 step time / diffmis step time, repeat by repeat",
                          "memory": "peak RSS (VmHWM) of a fresh subprocess running only that configuration "
                                    f"({args.mem_steps} training steps / 1 denoising step), imports included",
@@ -349,9 +359,9 @@ def main() -> None:
                      "unet": {**PEER, "dim_mults": list(PEER["dim_mults"]), "image_size": "per size"},
                      "diffusion": {**PEER_DIFFUSION, "beta_schedule": "cosine", "objective": "pred_noise"},
                      "n_params_128": peer_n128},
-            "diffmis": {"recipe": "medsegdiff", "params": params, "n_params_128": next(
-                r["n_params"] for r in search if r["params"] == params), "diffusion": "T=1000 cosine eps",
-                "search": search},
+            "diffmis": {"recipe": "medsegdiff", "layouts": layouts,
+                        "variants": {v: {"layout": lay, "precision": p} for v, (lay, p) in DIFFMIS_VARIANTS.items()},
+                        "diffusion": "T=1000 cosine eps"},
             "results": results,
             "total_s": round(time.time() - t_start, 1),
             "environment": env,
@@ -373,20 +383,20 @@ def main() -> None:
             memory: dict[str, dict[str, Any]] = {}
             if not args.no_memory:  # first, so that nothing else holds memory meanwhile
                 for v in VARIANTS:
-                    memory[v] = measure_memory(v, mode, size, batch, args, params)
+                    memory[v] = measure_memory(v, mode, size, batch, args)
                     if "peak_rss_mib" in memory[v]:
                         measured[(mode, v)] = {**memory[v], "size": size, "batch": batch}
                     mon.sample()
             steps: dict[str, Callable[[], Any]] = {}
             sizes_n: dict[str, int] = {}
             for v in VARIANTS:
-                steps[v], sizes_n[v] = make_step(v, mode, size, batch, params)
+                steps[v], sizes_n[v] = make_step(v, mode, size, batch)
             times: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for _ in range(args.warmup):
                 for v in VARIANTS:
                     timed(steps[v])
             for rep in range(args.repeats):
-                order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
+                order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]
                 for v in order:
                     times[v].append(timed(steps[v]))
                 mon.sample()

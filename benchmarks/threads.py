@@ -1,11 +1,12 @@
 """Threads under contention: how a training step and prediction slow down when another process holds a core.
 
-For each competitor (``none``; ``spin``: a pure-Python busy loop at ``nice -n 19``; ``torch``: a one-thread torch
-matrix-multiply loop at normal priority, like a second training job) and each diffmis setting (torch threads 1 or
-all usable cores; OpenMP waiting ``active``, libgomp's default spin-then-sleep, or ``passive``,
-``OMP_WAIT_POLICY=PASSIVE``), one ``diffmis benchmark CONFIG --size S`` process runs while the competitor runs,
-and its median training step and prediction time are recorded. The competitor starts before and is killed after.
-Settings alternate within a round; ``--rounds`` rounds.
+Competitors: ``none``; ``spin``, a pure-Python busy loop at ``nice -n 19``; ``torch``, a one-thread torch
+matrix-multiply loop at normal priority, like a second training job. diffmis settings: torch threads 1, all usable
+cores (with OpenMP waiting ``active``, libgomp's default spin-then-sleep, or ``passive``,
+``OMP_WAIT_POLICY=PASSIVE``), and diffmis's default (``--threads`` not given: the usable cores less those other
+processes keep busy at start). For each pair, one ``diffmis benchmark CONFIG --size S`` process runs while the
+competitor runs, and its median training step and prediction time are recorded; the competitor starts before and
+is killed after. Settings alternate within a round; ``--rounds`` rounds.
 
 Writes ``benchmarks/results/threads.json``: per setting and competitor the median times, and the slowdown against
 the same setting without a competitor. The default diffmis uses (docs/benchmarks.md) is chosen from it.
@@ -37,12 +38,12 @@ COMPETITORS = {
 }
 
 
-def run_setting(threads: int, wait: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_setting(threads: Optional[int], wait: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="diffmis-threads-") as tmp:
         out = Path(tmp) / "r.json"
         cmd = [str(ROOT / ".venv" / "bin" / "diffmis"), "benchmark", args.config, "--size", str(args.size),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--predict-images", str(args.images),
-               "--threads", str(threads), "--out", str(out)]
+               "--out", str(out)] + (["--threads", str(threads)] if threads else [])
         env = dict(os.environ)
         env.pop("OMP_WAIT_POLICY", None)
         if wait == "passive":
@@ -54,7 +55,8 @@ def run_setting(threads: int, wait: str, args: argparse.Namespace) -> dict[str, 
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         res = json.loads(out.read_text())
     return {"train_step_s": res["train"]["step_s_median"], "predict_s_per_image": res["predict"]["seconds_per_image"],
-            "wall_s": round(wall, 1), "precision": res["settings"]["precision"]}
+            "wall_s": round(wall, 1), "precision": res["settings"]["precision"],
+            "torch_threads": res["machine"]["torch_threads"]}
 
 
 def main() -> None:
@@ -71,7 +73,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "threads.json")
     args = p.parse_args()
     cores = usable_cores()
-    settings = [(t, w) for t in sorted({1, cores}) for w in ("active", "passive")]
+    # (threads, wait): one thread, all cores (libgomp's default waiting and passive), and diffmis's default
+    settings: list[tuple[Optional[int], str]] = [(1, "active"), (cores, "active"), (cores, "passive"), (None, "active")]
     monitor = CpuMonitor()
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in range(args.rounds):
@@ -88,7 +91,7 @@ def main() -> None:
                     if proc is not None:
                         proc.kill()
                         proc.wait()
-                key = f"threads={threads},{wait}"
+                key = f"threads={threads or 'default'},{wait}"
                 rows.setdefault(key, {}).setdefault(comp, []).append(res)
                 print(f"round {r + 1} competitor={comp:<6} {key:<18} train {res['train_step_s']:.3f} s/step  "
                       f"predict {res['predict_s_per_image']:.3f} s/image  wall {res['wall_s']} s", flush=True)

@@ -86,6 +86,7 @@ def test_cpu_info_reads_flags_and_caps(monkeypatch):
 
 
 def test_usable_cores_follow_affinity_and_quota(monkeypatch):
+    monkeypatch.setattr(hardware, "busy_cores", lambda: 0.0)
     monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(hardware, "_cgroup_quota", lambda: None)
     assert hardware.usable_cores() == 4
@@ -95,16 +96,48 @@ def test_usable_cores_follow_affinity_and_quota(monkeypatch):
     assert hardware.usable_cores() == 1
     monkeypatch.setattr(hardware, "_cgroup_quota", lambda: 8.0)
     assert hardware.usable_cores() == 4
+    assert hardware.default_threads().threads == 4
+    monkeypatch.setattr(hardware, "busy_cores", lambda: 1.2)  # another job holds a core: leave it alone
+    choice = hardware.default_threads()
+    assert (choice.threads, choice.usable) == (3, 4) and "keep 1.2 core(s) busy" in choice.describe()
+    monkeypatch.setattr(hardware, "busy_cores", lambda: 7.0)
+    assert hardware.default_threads().threads == 1  # never fewer than one
+    monkeypatch.setattr(hardware, "busy_cores", lambda: 0.0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: the node's cores are shared by its processes
-    assert hardware.default_threads() == 2
+    assert hardware.default_threads().threads == 2
+
+
+def test_busy_cores_sees_a_competitor_but_not_a_niced_one():
+    """A normal-priority busy loop counts as (about) one busy core, a ``nice -n 19`` one as none (/proc/stat)."""
+    import subprocess
+    import sys
+    import time
+
+    if not hardware.Path("/proc/stat").exists():
+        pytest.skip("no /proc/stat")
+
+    def busy_with(cmd: list[str]) -> float:
+        spin = subprocess.Popen(cmd)
+        try:
+            time.sleep(0.3)
+            return hardware.busy_cores(0.5)
+        finally:
+            spin.kill()
+            spin.wait()
+
+    loop = [sys.executable, "-c", "while True: pass"]
+    normal = busy_with(loop)
+    niced = busy_with(["nice", "-n", "19", *loop])
+    assert 0.5 < normal < 2.0  # one busy loop, plus whatever else the machine does
+    assert niced < normal - 0.4
 
 
 def test_set_threads(monkeypatch):
     before = torch.get_num_threads()
     try:
-        assert hardware.set_threads(1) == 1 and torch.get_num_threads() == 1
-        monkeypatch.setattr(hardware, "default_threads", lambda: 2)
-        assert hardware.set_threads() == 2 and torch.get_num_threads() == 2
+        assert hardware.set_threads(1).threads == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(hardware, "default_threads", lambda: hardware.ThreadChoice(2, 2))
+        assert hardware.set_threads().threads == 2 and torch.get_num_threads() == 2
         with pytest.raises(ValueError, match=">= 1"):
             hardware.set_threads(0)
     finally:

@@ -12,8 +12,8 @@ Nothing here assumes one kind of machine. The choices are made at run time from 
   so far that is nowhere: NCHW measured faster for fp32 (Intel Xeon with AMX, AMD EPYC Zen 4) and for bf16 on
   AVX512-BF16 without AMX (EPYC Zen 4, ``benchmarks/results/precision.json``); bf16 on AMX and CUDA have not
   been compared here, so they stay NCHW until ``benchmarks/precision.py`` shows otherwise. ``true`` forces it.
-* **Threads**: the cores this process may use (CPU affinity, capped by a cgroup CPU quota), see
-  :func:`usable_cores`; ``--threads`` overrides it.
+* **Threads**: the cores this process may use (CPU affinity, capped by a cgroup CPU quota), less the cores other
+  processes keep busy at normal priority when it starts (:func:`default_threads`); ``--threads`` overrides it.
 
 Imports nothing heavy at module level (the CLI reads the CPU before torch loads).
 """
@@ -35,6 +35,8 @@ __all__ = [
     "cuda_info",
     "usable_cores",
     "default_threads",
+    "busy_cores",
+    "ThreadChoice",
     "resolve_precision",
     "resolve_for",
     "set_threads",
@@ -172,15 +174,64 @@ def usable_cores() -> int:
     return max(1, n)
 
 
-def default_threads() -> int:
-    """:func:`usable_cores`, shared among the processes torchrun starts on this node (``LOCAL_WORLD_SIZE``)."""
+def _cpu_times() -> Optional[tuple[float, float]]:
+    """(CPU seconds the whole machine spent busy at normal priority, this process's own CPU seconds)."""
+    import resource
+
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    # user, nice, system, idle, iowait, irq, softirq, steal: "nice" (niced processes) and idle/iowait left out
+    busy = sum(fields[i] for i in (0, 2, 5, 6, 7) if i < len(fields)) / os.sysconf("SC_CLK_TCK")
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy, own.ru_utime + own.ru_stime
+
+
+def busy_cores(interval: float = 0.25) -> float:
+    """Cores that *other* processes keep busy at normal priority, measured over ``interval`` seconds (0 where
+    ``/proc/stat`` is missing). Niced processes are not counted: they measured harmless (threads.json)."""
+    import time
+
+    a = _cpu_times()
+    time.sleep(interval)
+    b = _cpu_times()
+    if a is None or b is None:
+        return 0.0
+    return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / interval)
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """Torch threads chosen for this process: ``threads``, of ``usable`` cores, with others keeping ``busy`` busy."""
+
+    threads: int
+    usable: int
+    busy: float = 0.0
+    explicit: bool = False
+
+    def describe(self) -> str:
+        if self.explicit:
+            return f"{self.threads} torch thread(s) (--threads)"
+        why = f"; other processes keep {self.busy:.1f} core(s) busy" if self.threads < self.usable else ""
+        return f"{self.threads} torch thread(s) of {self.usable} usable core(s){why}"
+
+
+def default_threads(measure_load: bool = True) -> ThreadChoice:
+    """Torch threads by default: :func:`usable_cores`, less the cores other processes keep busy at normal
+    priority (a second thread on a core another job holds made a training step 2.3x slower than one thread,
+    ``benchmarks/results/threads.json``), shared among the processes torchrun starts on this node
+    (``LOCAL_WORLD_SIZE``); at least 1."""
     local = os.environ.get("LOCAL_WORLD_SIZE")
     share = int(local) if local and local.isdigit() and int(local) > 0 else 1
-    return max(1, usable_cores() // share)
+    usable = usable_cores()
+    busy = busy_cores() if measure_load and usable > 1 else 0.0
+    n = usable - min(usable - 1, int(busy + 0.5))
+    return ThreadChoice(threads=max(1, n // share), usable=usable, busy=round(busy, 2))
 
 
-def set_threads(threads: Optional[int] = None) -> int:
-    """Set torch's intra-op threads to ``threads`` (default :func:`default_threads`); return the count used.
+def set_threads(threads: Optional[int] = None) -> ThreadChoice:
+    """Set torch's intra-op threads to ``threads`` (default :func:`default_threads`); return the choice.
 
     Raises:
         ValueError: ``threads`` < 1.
@@ -189,10 +240,10 @@ def set_threads(threads: Optional[int] = None) -> int:
 
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    n = default_threads() if threads is None else int(threads)
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-    return n
+    choice = default_threads() if threads is None else ThreadChoice(int(threads), usable_cores(), explicit=True)
+    if torch.get_num_threads() != choice.threads:
+        torch.set_num_threads(choice.threads)
+    return choice
 
 
 # ======================================================================================================

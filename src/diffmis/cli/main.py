@@ -55,7 +55,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if hasattr(args, "threads"):  # verbs that run networks: threads = usable cores unless --threads says
             from diffmis.hardware import set_threads
 
-            set_threads(args.threads)
+            choice = set_threads(args.threads)
+            if choice.threads < choice.usable and not choice.explicit:
+                print(f"diffmis {args.verb}: {choice.describe()} (--threads N to choose)", file=sys.stderr)
         return int(args.func(args) or 0)
     except DiffmisError as err:
         print(f"diffmis {args.verb}: error: {err}", file=sys.stderr)
