@@ -136,7 +136,7 @@ def main() -> None:
         extra_rows: list[tuple[str, dict[str, Any]]] = []
         if name == "hidiff":
             if "hidiff_segmentor" not in rows:
-                extra_rows.append(("hidiff_segmentor", {"prior_only": True}))
+                extra_rows.append(("hidiff_segmentor", {"segmentor_only": True}))
             extra_rows.append(("hidiff_1step", {"steps": 1}))
         if name == "pd_ddpm":
             # equal NFE per sample: the PD start costs its prior pass + `steps` denoiser passes

@@ -112,7 +112,7 @@ def main() -> None:
                     measure(runs / "hidiff", images, ref_dir, fov_dir, k, work, f"hd_ens{n}_{fuse}", steps=st,
                             ensemble=n, fuse=fuse))
         add("hidiff segmentor alone", measure(runs / "hidiff", images, ref_dir, fov_dir, k, work, "hd_seg",
-                                              prior_only=True))
+                                              segmentor_only=True))
     if "segmentor" in args.methods and (runs / "segmentor").is_dir():
         add("segmentor", measure(runs / "segmentor", images, ref_dir, fov_dir, k, work, "seg", ensemble=1))
 

@@ -126,7 +126,7 @@ def run_diffmis(method: str, dataset: str, root: Path, args, work: Path, *, name
 
 
 def predict_diffmis(info: dict[str, Any], images: list[Path], pred_dir: Path, **kw: Any) -> dict[str, Any]:
-    """Predict with the run's default sampler (``kw``: Predictor overrides, e.g. ensemble or prior_only)."""
+    """Predict with the run's default sampler (``kw``: Predictor overrides, e.g. ensemble or segmentor_only)."""
     pred = Predictor.from_run(info["run_dir"], checkpoint="last", **kw)
     t0 = time.time()
     s = predict_paths(pred, images, pred_dir, overwrite=True, progress=False)
@@ -262,7 +262,7 @@ def main() -> None:
         if m in ("hidiff", "pd_ddpm"):  # the co-trained segmentor alone: what the diffusion adds to it
             name = f"{m}_segmentor"
             seg = predict_and_score({"run_dir": info["run_dir"], "steps": info["steps"], "params": info["params"]},
-                                    name, images, work, ref_dir, fov_dir, k, prior_only=True)
+                                    name, images, work, ref_dir, fov_dir, k, segmentor_only=True)
             results[name] = seg
             print(f"{name}: Dice {seg['dice_mean']:.4f} +- {seg['dice_std']:.4f}", flush=True)
         print(f"{m}: Dice {info['dice_mean']:.4f} +- {info['dice_std']:.4f}, steps {info['steps']}, "

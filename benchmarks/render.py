@@ -30,7 +30,7 @@ def _load(name: str) -> Optional[dict[str, Any]]:
 
 def _sampler(r: dict[str, Any]) -> str:
     ps = r.get("predict_settings") or {}
-    if ps.get("prior_only"):
+    if ps.get("segmentor_only") or ps.get("prior_only"):  # prior_only: the name in older result files
         return "one pass"
     s = ps.get("sampler") or r.get("sampler") or ""
     if s == "direct":

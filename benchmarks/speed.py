@@ -118,7 +118,7 @@ def diffmis_config(params: dict[str, Any], size: int, batch: int):
 
 
 def diffmis_method(params: dict[str, Any], size: int, batch: int):
-    from diffmis.diffusion import build
+    from diffmis.methods import build
 
     return build(diffmis_config(params, size, batch))
 

@@ -81,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffmis.config import load_config
-    from diffmis.diffusion import build
+    from diffmis.methods import build
     from diffmis.training import train
 
     recipe = args.worker

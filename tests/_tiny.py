@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 SEG = {"name": "unet", "params": {"features": [8, 8, 16, 16, 32, 8]}}
-GAUSS = {"kind": "gaussian", "timesteps": 50, "schedule": "cosine"}
+GAUSS = {"kind": "gaussian", "timesteps": 50, "schedule": "cosine", "prediction": "x0"}  # as the shipped configs
 
 RECIPES: dict[str, dict[str, Any]] = {
     "segmentor": {"model": {"name": "unet", "params": {"features": [8, 8, 16, 16, 32, 8]}},
@@ -29,6 +29,12 @@ RECIPES: dict[str, dict[str, Any]] = {
                                      "attention_levels": [], "head_channels": 8},
                           "segmentor": SEG},
                 "diffusion": GAUSS, "sample": {"start_step": 20}},
+    "berdiff": {"model": {"name": "conditional_unet",
+                          "params": {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                                     "attention_levels": [], "head_channels": 8}},
+                "diffusion": {"kind": "bernoulli", "timesteps": 10, "schedule": "cosine", "focal_gamma": 0.0,
+                              "prior_residual": False},
+                "sample": {"sampler": "bernoulli_ddim", "steps": 3}},
     "hidiff": {"model": {"name": "bbdm", "params": {"width": 8, "channel_mult": [1, 2, 2]}, "segmentor": SEG},
                "diffusion": {"kind": "bernoulli", "timesteps": 10, "schedule": "cosine"},
                "sample": {"sampler": "bernoulli_ddim", "steps": 3}, "train": {"lr_schedule": "poly"}},

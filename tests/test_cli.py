@@ -4,7 +4,6 @@ train -> predict -> evaluate on a 4-case synthetic folder dataset."""
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from diffmis.config import load_config
-from diffmis.diffusion import GaussianMethod, HiDiffMethod, SegmentorMethod, build
+from diffmis.methods import GaussianMaskDiffusion, HiDiff, SegmentorMethod, build
 from diffmis.hardware import resolve_precision
 from diffmis.sampling import propose_start_step
 from diffmis.utils import autocast
@@ -53,11 +53,11 @@ def test_config_validates_and_builds(name):
     if recipe == "segmentor":
         assert isinstance(method, SegmentorMethod) and cfg.diffusion.kind == "none"
     elif recipe == "hidiff":
-        assert isinstance(method, HiDiffMethod)
+        assert isinstance(method, HiDiff)
         assert (cfg.diffusion.kind, cfg.diffusion.timesteps, cfg.diffusion.schedule) == ("bernoulli", 10, "cosine")
         assert cfg.train.lr_schedule == "poly" and method.default_sampler == "bernoulli_ddim"
     else:
-        assert isinstance(method, GaussianMethod) and method.default_sampler == "ddim"
+        assert isinstance(method, GaussianMaskDiffusion) and method.default_sampler == "ddim"
         assert (cfg.diffusion.timesteps, cfg.diffusion.prediction) == (1000, "x0")  # CPU-budget default
     if recipe == "medsegdiff_v2":
         assert (method.anchor_alpha, method.anchor_beta) == (5, 10.0)

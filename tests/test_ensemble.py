@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffmis.ensemble import EnsembleResult, ensemble_predict, fuse, hard_mask, uncertainty_maps
+from diffmis.ensemble import EnsembleResult, ensemble_predict, fuse, uncertainty_maps
+from diffmis.masks import hard_labels
 from diffmis.errors import ConfigError
-from diffmis.sampling import SampleOutput, gaussian_sample
+from diffmis.sampling import gaussian_sample
 from diffmis.schedulers import GaussianScheduler
 
 
@@ -48,15 +49,15 @@ def test_staple_degenerate_and_multiclass():
     other = torch.nn.functional.one_hot((lab + 1) % 3, 3).permute(0, 3, 1, 2).float()
     samples = torch.stack([onehot * 0.7 + 0.1, onehot, other])
     fused = fuse(samples, "staple")
-    assert fused.shape == (1, 3, 6, 6) and torch.equal(hard_mask(fused), lab)
+    assert fused.shape == (1, 3, 6, 6) and torch.equal(hard_labels(fused), lab)
 
 
-def test_hard_mask_label_maps():
+def test_hard_labels_label_maps():
     p1 = torch.tensor([0.2, 0.6]).view(1, 1, 1, 2)
-    assert torch.equal(hard_mask(p1, 0.5), torch.tensor([[[0, 1]]]))
-    assert hard_mask(p1).dtype == torch.int64
+    assert torch.equal(hard_labels(p1, 0.5), torch.tensor([[[0, 1]]]))
+    assert hard_labels(p1).dtype == torch.int64
     pk = torch.tensor([[0.1, 0.7], [0.5, 0.2], [0.4, 0.1]]).view(1, 3, 1, 2)
-    assert torch.equal(hard_mask(pk), torch.tensor([[[1, 0]]]))
+    assert torch.equal(hard_labels(pk), torch.tensor([[[1, 0]]]))
 
 
 def test_uncertainty_maps_known_values():
@@ -143,7 +144,7 @@ def test_members_run_the_segmentor_once_per_image_and_match_the_repeated_batch(r
     from _tiny import tiny_config
 
     from diffmis.config import Config
-    from diffmis.diffusion import build
+    from diffmis.methods import build
 
     cfg = Config.model_validate(tiny_config(recipe, Path("/tmp")))
     method = build(cfg).eval()

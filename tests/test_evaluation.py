@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffmis.cli.main import main
 from diffmis.errors import DataError, InputError
-from diffmis.evaluation import evaluate_folders, read_label_map
+from diffmis.evaluation import evaluate_folders, read_scored_labels
 
 
 def save_png(path: Path, arr: np.ndarray) -> Path:
@@ -158,7 +158,7 @@ def test_nifti_3d_uses_header_spacing(tmp_path):
     pred[2:10, 2:10, 4] = 1  # two slices apart along z
     save_nifti(tmp_path / "ref" / "v.nii.gz", ref, (0.5, 0.5, 2.5))
     save_nifti(tmp_path / "pred" / "v.nii.gz", pred, (0.5, 0.5, 2.5))
-    labels, spacing = read_label_map(tmp_path / "ref" / "v.nii.gz")
+    labels, spacing = read_scored_labels(tmp_path / "ref" / "v.nii.gz")
     assert labels.shape == (12, 12, 8) and spacing == (0.5, 0.5, 2.5)
     res = evaluate_folders(tmp_path / "pred", tmp_path / "ref")
     assert res.cases[0].id == "v"

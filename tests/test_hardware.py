@@ -12,7 +12,7 @@ from diffmis import hardware
 from diffmis.config import config_from_dict
 from diffmis.hardware import CpuInfo, CudaInfo, resolve_precision
 from diffmis.training import train
-from diffmis.training.checkpoint import read_state
+from diffmis.checkpoint import read_state
 
 AMX = CpuInfo("Intel Xeon (Sapphire Rapids)", "x86_64",
               frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"}))

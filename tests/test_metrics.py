@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diffmis.errors import InputError
+from diffmis.masks import one_hot
 from diffmis.metrics import (
     LENIENT_THRESHOLDS,
     calibration,
@@ -14,7 +15,6 @@ from diffmis.metrics import (
     image_diagonal,
     iou_batch,
     lenient_multithreshold,
-    one_hot,
     reliability_bins,
     segmentation_metrics,
 )
@@ -102,7 +102,7 @@ def test_dice_batch_matches_monai_path_per_class():
     labels_p = torch.randint(0, 3, (3, 16, 16), generator=g)
     labels_r = torch.randint(0, 3, (3, 16, 16), generator=g)
     labels_p[2] = 0  # image 2 has no foreground predicted
-    p, r = one_hot(labels_p, 3), one_hot(labels_r, 3)
+    p, r = one_hot(labels_p, 3, check=True).bool(), one_hot(labels_r, 3, check=True).bool()
     assert p.shape == (3, 3, 16, 16) and p.dtype == torch.bool
     fast = dice_batch(p, r)
     assert fast.shape == (3, 3) and fast.dtype == torch.float32
@@ -116,7 +116,7 @@ def test_shape_errors_name_the_problem():
     with pytest.raises(InputError, match="prediction shape"):
         dice_batch(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
     with pytest.raises(InputError, match="outside 0..1"):
-        one_hot(torch.tensor([[0, 2]]), 2)
+        one_hot(torch.tensor([[0, 2]]), 2, check=True)
     with pytest.raises(InputError, match="spacing"):
         segmentation_metrics(square(), square(), spacing=(1.0, 1.0, 1.0))
 
@@ -144,7 +144,7 @@ def test_ece_multiclass_fov_and_merge():
     # Three classes, two pixels inside the FOV, one outside (ignored).
     prob = torch.tensor([[0.7, 0.2, 0.3], [0.2, 0.55, 0.3], [0.1, 0.25, 0.4]])  # (K=3, N=3)
     labels = torch.tensor([[0, 2, 2]])
-    ref = one_hot(labels, 3)[0]
+    ref = one_hot(labels, 3, check=True).bool()[0]
     fov = torch.tensor([[1, 1, 0]])
     cal = calibration(prob, ref, n_bins=5, fov=fov)
     # Top label: pixel 0 -> class 0 (0.7, right), pixel 1 -> class 1 (0.55, wrong).

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from diffmis.errors import InputError
-from diffmis.models import ConditionalUNet, MedSegDiffV2, anchor_loss
+from diffmis.losses import segmentation_loss_terms
+from diffmis.models import ConditionalUNet, MedSegDiffV2
 from diffmis.models.hidiff import BinaryConv2d, binary_activation
 from diffmis.models.layers import FFParser, resample_rfft_map
 from diffmis.models.medsegdiff_v2 import UncertainSpatialAttention
@@ -142,7 +143,8 @@ def test_denoiser_shape_and_gradients(name, k, size):
     def loss_fn() -> torch.Tensor:
         if "anchor_logits" in cond:  # the condition segmentor runs inside condition() and is trained by the anchor loss
             c = model.condition(cond["image"])
-            return (model(x_t, t, c) * proj).sum() + anchor_loss(c["anchor_logits"], target)
+            anchor = segmentation_loss_terms(c["anchor_logits"], target)
+            return (model(x_t, t, c) * proj).sum() + anchor["dice"] + 10.0 * anchor["ce"]
         return (model(x_t, t, cond) * proj).sum()
 
     backward_check(model, loss_fn, nonzero=False)
@@ -269,20 +271,6 @@ def test_usa_kernel_is_a_normalised_gaussian():
     assert torch.allclose(k.sum(dim=(2, 3)), torch.ones(3, 1))
     g = torch.exp(-torch.arange(-2.0, 3.0) ** 2 / 2)
     assert torch.allclose(k[0, 0], torch.outer(g, g) / g.sum() ** 2, atol=1e-6)
-
-
-def test_anchor_loss_values():
-    mask = torch.zeros(2, 3, 8, 8)
-    mask[:, 0, :4], mask[:, 1, 4:, :4], mask[:, 2, 4:, 4:] = 1, 1, 1
-    assert anchor_loss(40 * (2 * mask - 1), mask, beta=10.0) < 1e-4
-    assert anchor_loss(-40 * (2 * mask - 1), mask, beta=10.0) > 10
-    binary = mask[:, :1]
-    assert anchor_loss(40 * (2 * binary - 1), binary, beta=10.0) < 1e-4
-
-
-# ------------------------------------------------------------------------------------------------------
-# HiDiff binarisation
-# ------------------------------------------------------------------------------------------------------
 
 
 def test_binary_activation_forward_and_piecewise_quadratic_gradient():

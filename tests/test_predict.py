@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -13,19 +12,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _tiny import tiny_config
 from PIL import Image
 
-from _tiny import tiny_config
-from diffmis import inference
 from diffmis.cli.main import main
 from diffmis.config import config_from_dict
-from diffmis.diffusion import build
+from diffmis.data import normalize_intensity
 from diffmis.errors import CheckpointError, ConfigError, InputError
 from diffmis.inference import InputCase, Predictor, find_inputs, predict_paths
+from diffmis.inference import predictor as predictor_module
+from diffmis.methods import build
 from diffmis.training.trainer import train
-
-
-
 
 # ------------------------------------------------------------------------------------------------------------
 # runs, trained once for the module
@@ -92,7 +89,7 @@ def test_sliding_window_returns_native_size(runs, monkeypatch):
     """A patch-trained run predicts any size through MONAI's SlidingWindowInferer; the net sees only 32x32."""
     from monai.inferers import SlidingWindowInferer
 
-    from diffmis.diffusion import SegmentorMethod
+    from diffmis.methods import SegmentorMethod
 
     p = Predictor.from_run(runs["seg"], batch_size=16)
     assert isinstance(p.inferer, SlidingWindowInferer)
@@ -120,7 +117,7 @@ def test_sliding_window_returns_native_size(runs, monkeypatch):
     assert sum(s[0] for s in seen) == 24 * 24  # overlap 0.25: stride 24, ceil((584 - 32) / 24) + 1 = 24 rows
     # a 1x1 convolution is translation-invariant: stitched windows equal the whole image in one pass
     with torch.no_grad():
-        x = torch.from_numpy(inference.normalize_intensity(_grey(584, 565, 0)[None].astype(np.float32), "minmax",
+        x = torch.from_numpy(normalize_intensity(_grey(584, 565, 0)[None].astype(np.float32), "minmax",
                                                            (0.0, 1.0)))[None]
         whole = torch.sigmoid(net.conv(x))[0].numpy()
     np.testing.assert_allclose(r.probability, whole, atol=1e-5)
@@ -131,7 +128,7 @@ def test_uncertainty_matches_ensemble_and_one_batch(runs, monkeypatch):
     method gets the B images with members=n and repeats the prior image-major inside)."""
     p = Predictor.from_run(runs["pd"], ensemble=3)
     results, sample_calls = [], []
-    real_ep, real_sample = inference.ensemble_predict, type(p.method).sample
+    real_ep, real_sample = predictor_module.ensemble_predict, type(p.method).sample
 
     def spy_ep(*a, **k):
         results.append(real_ep(*a, **k))
@@ -141,7 +138,7 @@ def test_uncertainty_matches_ensemble_and_one_batch(runs, monkeypatch):
         sample_calls.append((image.shape[0] * k.get("members", 1), k.get("init")))
         return real_sample(self, image, **k)
 
-    monkeypatch.setattr(inference, "ensemble_predict", spy_ep)
+    monkeypatch.setattr(predictor_module, "ensemble_predict", spy_ep)
     monkeypatch.setattr(type(p.method), "sample", spy_sample)
     r = p.predict_array(_grey(32, 32, 1), "a")  # 32x32 = the run's image_size: no resizing
     res = results[-1]
@@ -160,7 +157,7 @@ def test_uncertainty_matches_ensemble_and_one_batch(runs, monkeypatch):
     batch, init = sample_calls[0]
     assert batch == 6 and init.shape == (2, 1, 32, 32)
     assert [float(v) for v in init.mean(dim=(1, 2, 3))] == [0, 1]
-    from diffmis.diffusion import repeat_members
+    from diffmis.methods.base import repeat_members
 
     assert [float(v) for v in repeat_members(init, 3).mean(dim=(1, 2, 3))] == [0, 0, 0, 1, 1, 1]
 

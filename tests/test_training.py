@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from _tiny import RECIPES, tiny_config
 from diffmis.config import config_from_dict, dump_config
-from diffmis.diffusion import build
+from diffmis.methods import build
 from diffmis.errors import CheckpointError, DataError
-from diffmis.training import load_checkpoint
+from diffmis.checkpoint import load_checkpoint
 from diffmis.training.trainer import TrainingError, train
 
 
@@ -75,9 +75,9 @@ def test_checkpoint_into_other_model_names_tensor(tmp_path):
 
 
 def test_nonfinite_loss_stops_and_saves(tmp_path, monkeypatch):
-    from diffmis import diffusion
+    from diffmis.methods.medsegdiff import GaussianMaskDiffusion
 
-    real = diffusion.GaussianMethod.loss
+    real = GaussianMaskDiffusion.loss
 
     def poisoned(self, image, mask, step=0, generator=None):
         out = real(self, image, mask, step, generator)
@@ -85,7 +85,7 @@ def test_nonfinite_loss_stops_and_saves(tmp_path, monkeypatch):
             out.total = out.total * float("nan")
         return out
 
-    monkeypatch.setattr(diffusion.GaussianMethod, "loss", poisoned)
+    monkeypatch.setattr(GaussianMaskDiffusion, "loss", poisoned)
     cfg = config_from_dict(tiny_config("conditional_unet", tmp_path, steps=5))
     with pytest.raises(TrainingError, match="non-finite loss at step 2"):
         train(cfg, tmp_path / "run")

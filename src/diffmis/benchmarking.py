@@ -61,8 +61,8 @@ def speed_profile(config: str | Path, overrides: tuple[str, ...] = (), *, steps:
     import numpy as np
     import torch
 
-    from diffmis.diffusion import build
     from diffmis.inference import Predictor
+    from diffmis.methods import build
     from diffmis.training import train
 
     base = load_config(config, list(overrides))
@@ -73,8 +73,7 @@ def speed_profile(config: str | Path, overrides: tuple[str, ...] = (), *, steps:
             "data.synthetic.n_test=1", f"train.batch_size={bs}", f"train.max_steps={warmup + steps}",
             "train.log_every=1", "train.val_every=0", "train.ckpt_every=0", "train.progress=false",
             "train.max_minutes=null", "train.grad_accum=1"]
-    if base.experiment.recipe == "hidiff":
-        sets.append("train.pretrain_steps=0")  # every timed step is the full alternate step
+    sets.append("train.pretrain_steps=0")  # every timed step is a full training iteration (e.g. HiDiff's two)
     if precision:
         sets.append(f"train.precision={precision}")
     cfg = load_config(config, sets)

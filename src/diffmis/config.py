@@ -54,9 +54,8 @@ def _as_size(v: Any) -> Any:
 
 class ExperimentConfig(_Section):
     name: str = "experiment"
-    recipe: Literal["segmentor", "medsegdiff", "medsegdiff_v2", "pd_ddpm", "hidiff", "conditional_unet"] = (
-        "medsegdiff"
-    )
+    # the method: a name registered in diffmis.registry.METHODS (checked when the method is built)
+    recipe: str = "medsegdiff"
     seed: int = 0
     output_dir: str = "runs"
 

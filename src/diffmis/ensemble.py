@@ -11,7 +11,7 @@ Hard masks are always an int64 label map ``(B, H, W)``: for K = 1 the labels are
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -19,10 +19,12 @@ import SimpleITK as sitk
 import torch
 
 from diffmis.errors import ConfigError
+from diffmis.masks import hard_labels, one_hot
 
-__all__ = ["EnsembleResult", "fuse", "hard_mask", "uncertainty_maps", "ensemble_predict"]
+__all__ = ["EnsembleResult", "FUSE_METHODS", "fuse", "uncertainty_maps", "entropy_bits", "ensemble_predict"]
 
 FuseMethod = Literal["mean", "staple", "mean_squared"]
+FUSE_METHODS: tuple[str, ...] = ("mean", "staple", "mean_squared")
 
 
 @dataclass
@@ -33,7 +35,8 @@ class EnsembleResult:
         mask: (B, H, W) int64 label map ({0, 1} for K = 1; argmax class for K > 1).
         probability: (B, K, H, W) float in [0, 1], the fused probability (per-class STAPLE posteriors for
             ``"staple"``; not renormalised over channels).
-        uncertainty: ``{"variance": (B, 1, H, W), "entropy": (B, 1, H, W)}``, see :func:`uncertainty_maps`.
+        mean: (B, K, H, W) the member mean.
+        variance: (B, 1, H, W) the ensemble variance summed over channels (see :func:`uncertainty_maps`).
         samples: (N, B, K, H, W) member probabilities when kept, else None.
         nfe: batched network evaluations used for the whole ensemble (the n members share each call).
         fusion: the fusion rule used.
@@ -41,25 +44,16 @@ class EnsembleResult:
 
     mask: torch.Tensor
     probability: torch.Tensor
-    uncertainty: dict[str, torch.Tensor] = field(default_factory=dict)
+    mean: torch.Tensor
+    variance: torch.Tensor
     samples: Optional[torch.Tensor] = None
     nfe: int = 0
     fusion: str = "mean"
 
-
-def hard_mask(prob: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Label map from probabilities.
-
-    Args:
-        prob: (B, K, H, W) in [0, 1].
-        threshold: K = 1 only: foreground where ``prob > threshold``.
-
-    Returns:
-        (B, H, W) int64: {0, 1} for K = 1, argmax over channels for K > 1.
-    """
-    if prob.shape[1] == 1:
-        return (prob[:, 0] > threshold).long()
-    return prob.argmax(dim=1)
+    @property
+    def uncertainty(self) -> dict[str, torch.Tensor]:
+        """``{"variance": (B, 1, H, W), "entropy": (B, 1, H, W)}`` (the entropy of :attr:`mean`, in bits)."""
+        return {"variance": self.variance, "entropy": entropy_bits(self.mean)}
 
 
 def fuse(samples: torch.Tensor, method: FuseMethod = "mean", threshold: float = 0.5) -> torch.Tensor:
@@ -97,7 +91,7 @@ def _staple(samples: torch.Tensor, threshold: float) -> torch.Tensor:
     if k == 1:
         hard = samples > threshold  # (N, B, 1, H, W)
     else:
-        hard = torch.nn.functional.one_hot(samples.argmax(dim=2), k).permute(0, 1, 4, 2, 3).bool()
+        hard = one_hot(samples.argmax(dim=2), k, dim=2).bool()
     hard_np = hard.to(torch.uint8).cpu().numpy()
     vote = hard_np.mean(axis=0)  # (B, K, H, W) fallback where STAPLE is undefined
     out = np.empty(vote.shape, dtype=np.float64)
@@ -111,13 +105,25 @@ def _staple(samples: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.from_numpy(np.clip(out, 0.0, 1.0)).to(device=samples.device, dtype=samples.dtype)
 
 
-def uncertainty_maps(samples: torch.Tensor, eps: float = 1e-12) -> dict[str, torch.Tensor]:
+def entropy_bits(mean: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Per-pixel entropy of member-mean probabilities ``(B, K, *spatial)``, in **bits**, ``(B, 1, *spatial)``:
+    binary entropy for K = 1 (in [0, 1]); for K > 1 the categorical entropy of the mean renormalised over channels
+    (in [0, log2 K])."""
+    if mean.shape[1] == 1:
+        q = mean.clamp(0.0, 1.0)
+        ent = -(torch.xlogy(q, q) + torch.xlogy(1.0 - q, 1.0 - q))
+    else:
+        q = mean / mean.sum(dim=1, keepdim=True).clamp_min(eps)
+        ent = -torch.xlogy(q, q).sum(dim=1, keepdim=True)
+    return ent / math.log(2.0)
+
+
+def uncertainty_maps(samples: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-pixel uncertainty of an ensemble.
 
     * ``"variance"``: population variance across the N members (``unbiased=False``), summed over the K channels
       (the trace of the per-pixel covariance; for K = 1 the variance itself). In [0, 0.25 K].
-    * ``"entropy"``: entropy of the member mean, in **bits**: binary entropy for K = 1 (in [0, 1]); for K > 1
-      the categorical entropy of the mean renormalised over channels (in [0, log2 K]).
+    * ``"entropy"``: :func:`entropy_bits` of the member mean.
 
     Args:
         samples: (N, B, K, H, W) member probabilities in [0, 1].
@@ -125,15 +131,8 @@ def uncertainty_maps(samples: torch.Tensor, eps: float = 1e-12) -> dict[str, tor
     Returns:
         ``{"variance": (B, 1, H, W), "entropy": (B, 1, H, W)}``.
     """
-    variance = samples.var(dim=0, unbiased=False).sum(dim=1, keepdim=True)
-    mean = samples.mean(dim=0)
-    if mean.shape[1] == 1:
-        q = mean.clamp(0.0, 1.0)
-        ent = -(torch.xlogy(q, q) + torch.xlogy(1.0 - q, 1.0 - q))
-    else:
-        q = mean / mean.sum(dim=1, keepdim=True).clamp_min(eps)
-        ent = -torch.xlogy(q, q).sum(dim=1, keepdim=True)
-    return {"variance": variance, "entropy": ent / math.log(2.0)}
+    return {"variance": samples.var(dim=0, unbiased=False).sum(dim=1, keepdim=True),
+            "entropy": entropy_bits(samples.mean(dim=0))}
 
 
 def ensemble_predict(
@@ -148,7 +147,7 @@ def ensemble_predict(
 ) -> EnsembleResult:
     """Sample ``n`` segmentations per image in one batched sampler call, fuse them, and map their uncertainty.
 
-    A method with ``supports_members = True`` (every ``diffmis.diffusion`` method) gets the un-repeated image and
+    A method with ``supports_members = True`` (every :class:`diffmis.methods.Method`) gets the un-repeated image and
     ``members=n``: it runs its once-per-image parts (a prior segmentor, a condition encoder) on B images and
     repeats their outputs, so an n-member ensemble does not pay n segmentor passes.
 
@@ -160,7 +159,7 @@ def ensemble_predict(
 
     Args:
         method: any object with ``sample(image (B*n, C, H, W), *, generator, **sample_kwargs) -> SampleOutput``
-            (``probs`` (B*n, K, H, W) in [0, 1], ``nfe``), e.g. a ``diffmis.diffusion`` method.
+            (``probs`` (B*n, K, H, W) in [0, 1], ``nfe``), e.g. a :class:`diffmis.methods.Method`.
         image: (B, C, H, W) float32.
         n: ensemble size, >= 1.
         fuse: ``"mean"``, ``"staple"`` or ``"mean_squared"`` (see :func:`fuse`).
@@ -198,9 +197,10 @@ def _ensemble_result(out: Any, batch: int, n: int, fuse: FuseMethod, threshold: 
     samples = probs.reshape(batch, n, *probs.shape[1:]).transpose(0, 1)  # (N, B, K, H, W)
     probability = _fuse(samples, fuse, threshold)
     return EnsembleResult(
-        mask=hard_mask(probability, threshold),
+        mask=hard_labels(probability, threshold),
         probability=probability,
-        uncertainty=uncertainty_maps(samples),
+        mean=samples.mean(dim=0),
+        variance=samples.var(dim=0, unbiased=False).sum(dim=1, keepdim=True),
         samples=samples.contiguous() if keep_samples else None,
         nfe=int(out.nfe),
         fusion=fuse,

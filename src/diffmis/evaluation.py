@@ -18,7 +18,9 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from diffmis.data import IMAGE_SUFFIXES, LABEL_SUFFIXES, file_stem, read_label_map
 from diffmis.errors import DataError, InputError
+from diffmis.masks import one_hot
 from diffmis.metrics import (
     EMPTY_MASK_CONVENTIONS,
     LENIENT_THRESHOLDS,
@@ -26,18 +28,14 @@ from diffmis.metrics import (
     calibration,
     image_diagonal,
     lenient_multithreshold,
-    one_hot,
     segmentation_metrics,
 )
 from diffmis.utils import atomic_write_text, write_json
 
 __all__ = [
-    "MASK_SUFFIXES",
-    "IMAGE_SUFFIXES",
     "METRICS",
-    "file_stem",
-    "index_folder",
-    "read_label_map",
+    "index_files",
+    "read_scored_labels",
     "CaseResult",
     "EvaluationResult",
     "evaluate_folders",
@@ -45,8 +43,6 @@ __all__ = [
 
 PathLike = Union[str, Path]
 
-MASK_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".png", ".tif", ".tiff", ".bmp", ".gif")
-IMAGE_SUFFIXES: tuple[str, ...] = (*MASK_SUFFIXES, ".jpg", ".jpeg")
 METRICS: tuple[str, ...] = ("Dice", "IoU", "HD95", "ASSD")
 
 LENIENT_NOTE = (
@@ -59,17 +55,7 @@ LENIENT_NOTE = (
 # ---------------------------------------------------------------- files
 
 
-def file_stem(path: PathLike, suffixes: Sequence[str]) -> Optional[str]:
-    """Name of ``path`` without the first matching suffix of ``suffixes`` (case-insensitive), or None."""
-    name = Path(path).name
-    lower = name.lower()
-    for suffix in suffixes:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-def index_folder(folder: PathLike, suffixes: Sequence[str], what: str) -> dict[str, Path]:
+def index_files(folder: PathLike, suffixes: Sequence[str], what: str) -> dict[str, Path]:
     """Map file stem -> path for the files of ``folder`` whose name ends with one of ``suffixes``.
 
     Args:
@@ -97,70 +83,17 @@ def index_folder(folder: PathLike, suffixes: Sequence[str], what: str) -> dict[s
     return found
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as err:  # nibabel raises several unrelated types for corrupt files
-        raise DataError(f"cannot read NIfTI file {path}: {err}") from err
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim not in (2, 3):
-        raise DataError(f"{path}: expected a 2D or 3D volume, got shape {data.shape}")
-    zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
-    return data, zooms
-
-
-def _read_2d(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            data = np.asarray(im)  # palette images give their indices, which are the labels
-    except Exception as err:  # PIL raises several unrelated types for corrupt files
-        raise DataError(f"cannot read image file {path}: {err}") from err
-    if data.ndim == 3:
-        if data.shape[-1] == 4:
-            data = data[..., :3]
-        if not (data == data[..., :1]).all():
-            raise DataError(f"{path}: a mask must be a single-channel label map; its colour channels differ")
-        data = data[..., 0]
-    return data
-
-
-def read_label_map(path: PathLike) -> tuple[np.ndarray, Optional[tuple[float, ...]]]:
-    """Read a mask file as an integer label map.
-
-    A file whose values are all in {0, 255} is a binary mask and becomes {0, 1}; any other file is a label
-    map 0..K-1 as stored. Float NIfTI data must hold whole numbers.
-
-    Args:
-        path: ``.png/.tif/.tiff/.bmp/.gif`` (2D) or ``.nii/.nii.gz`` (2D or 3D).
+def read_scored_labels(path: PathLike) -> tuple[np.ndarray, Optional[tuple[float, ...]]]:
+    """A mask file as it is scored: :func:`diffmis.data.read_label_map`, except that a file whose values are all
+    in {0, 255} is a binary mask and becomes {0, 1} (any other file is a label map 0..K-1 as stored).
 
     Returns:
-        ``(labels, spacing)``: int64 array ``(H, W)`` or ``(X, Y, Z)``, and the header voxel size for NIfTI
-        files (None for 2D image formats).
+        ``(labels, spacing)``: int64 ``(H, W)`` or ``(X, Y, Z)``, and the NIfTI voxel size (None for 2D files).
 
     Raises:
         DataError: the file cannot be read, is not a label map, or holds negative values.
     """
-    path = Path(path)
-    spacing: Optional[tuple[float, ...]] = None
-    if file_stem(path, (".nii.gz", ".nii")) is not None:
-        data, spacing = _read_nifti(path)
-    else:
-        data = _read_2d(path)
-    if data.dtype.kind == "f":
-        if not np.isfinite(data).all() or not (data == np.round(data)).all():
-            raise DataError(f"{path}: mask values must be whole numbers (a label map), found fractional values")
-    elif data.dtype.kind not in "iub":
-        raise DataError(f"{path}: unsupported mask data type {data.dtype}")
-    labels = data.astype(np.int64)
-    if labels.size and labels.min() < 0:
-        raise DataError(f"{path}: negative label {int(labels.min())}")
+    labels, spacing = read_label_map(path)
     values = np.unique(labels)
     if 255 in values and set(values.tolist()) <= {0, 255}:
         labels = (labels == 255).astype(np.int64)
@@ -343,7 +276,7 @@ class EvaluationResult:
 def _infer_num_labels(refs: dict[str, Path]) -> int:
     top = 1
     for path in refs.values():
-        labels, _ = read_label_map(path)
+        labels, _ = read_scored_labels(path)
         if labels.size:
             top = max(top, int(labels.max()))
     return top + 1
@@ -395,7 +328,7 @@ def _read_fov(
     """The FOV of a case as ``(1, 1, *spatial)`` bool."""
     if case_id not in fovs:
         raise InputError(f"no FOV mask for case '{case_id}' in {fov_dir}")
-    fov, _ = read_label_map(fovs[case_id])
+    fov, _ = read_scored_labels(fovs[case_id])
     if fov.shape != ref_shape:
         raise DataError(
             f"size mismatch for case '{case_id}': FOV {fovs[case_id]} has shape {fov.shape}, "
@@ -473,14 +406,14 @@ def evaluate_folders(
             its FOV or probability map.
         DataError: a file is unreadable, its size differs from the reference, or its labels are out of range.
     """
-    refs = index_folder(ref_dir, MASK_SUFFIXES, "reference")
+    refs = index_files(ref_dir, LABEL_SUFFIXES, "reference")
     if not refs:
-        raise InputError(f"no reference masks ({', '.join(MASK_SUFFIXES)}) in {ref_dir}")
-    preds = index_folder(pred_dir, MASK_SUFFIXES, "prediction")
-    fovs = index_folder(fov_dir, MASK_SUFFIXES, "FOV") if fov_dir is not None else None
-    probs = index_folder(prob_dir, (".npy",), "probability") if prob_dir is not None else None
-    images = index_folder(images_dir, IMAGE_SUFFIXES, "image") if images_dir is not None else {}
-    uncertainties = index_folder(uncertainty_dir, (".npy",), "uncertainty") if uncertainty_dir is not None else {}
+        raise InputError(f"no reference masks ({', '.join(LABEL_SUFFIXES)}) in {ref_dir}")
+    preds = index_files(pred_dir, LABEL_SUFFIXES, "prediction")
+    fovs = index_files(fov_dir, LABEL_SUFFIXES, "FOV") if fov_dir is not None else None
+    probs = index_files(prob_dir, (".npy",), "probability") if prob_dir is not None else None
+    images = index_files(images_dir, (*LABEL_SUFFIXES, *IMAGE_SUFFIXES), "image") if images_dir is not None else {}
+    uncertainties = index_files(uncertainty_dir, (".npy",), "uncertainty") if uncertainty_dir is not None else {}
     if lenient and probs is None:
         raise InputError("the lenient protocol scores probability maps: give prob_dir (--prob DIR)")
     if num_classes is not None and num_classes < 1:
@@ -496,7 +429,7 @@ def evaluate_folders(
     cases: list[CaseResult] = []
     pooled: Optional[Calibration] = None
     for case_id, ref_path in refs.items():
-        ref, header_spacing = read_label_map(ref_path)
+        ref, header_spacing = read_scored_labels(ref_path)
         _check_labels(ref, n_labels, ref_path)
         sp = _case_spacing(spacing, header_spacing, ref.ndim, ref_path)
         case = CaseResult(
@@ -518,7 +451,7 @@ def evaluate_folders(
             continue
 
         pred_path = preds[case_id]
-        pred, _ = read_label_map(pred_path)
+        pred, _ = read_scored_labels(pred_path)
         if pred.shape != ref.shape:
             raise DataError(
                 f"size mismatch for case '{case_id}': prediction {pred_path} has shape {pred.shape}, "
@@ -527,8 +460,8 @@ def evaluate_folders(
         _check_labels(pred, n_labels, pred_path)
         case.pred = pred_path.resolve()
         fov = _read_fov(fovs, fov_dir, case_id, ref.shape, ref_path) if fovs is not None else None
-        ref_oh = one_hot(torch.from_numpy(ref)[None], n_labels)
-        pred_oh = one_hot(torch.from_numpy(pred)[None], n_labels)
+        ref_oh = one_hot(torch.from_numpy(ref)[None], n_labels, check=True).bool()
+        pred_oh = one_hot(torch.from_numpy(pred)[None], n_labels, check=True).bool()
         scores = segmentation_metrics(pred_oh[:, 1:], ref_oh[:, 1:], spacing=sp, fov=fov)
         for i, k in enumerate(classes):
             case.metrics[k] = {

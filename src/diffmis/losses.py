@@ -1,19 +1,13 @@
-"""Loss terms shared by the recipes (the weighting happens in one place per recipe, in ``diffusion.py``)."""
+"""Loss terms shared by the methods (each method weights its terms in one place, ``methods.base.compose``)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["probabilities", "soft_dice_loss", "segmentation_loss_terms"]
+from diffmis.masks import probabilities
 
-
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Logits (B, K, H, W) -> probabilities in [0, 1]: sigmoid for K = 1, softmax over channels for K > 1.
-
-    A softmax over a single channel is identically 1 (the HiDiff K = 1 bug, METHODS 5.2), hence the sigmoid.
-    """
-    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+__all__ = ["soft_dice_loss", "segmentation_loss_terms"]
 
 
 def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

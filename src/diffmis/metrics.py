@@ -34,7 +34,6 @@ __all__ = [
     "EMPTY_MASK_CONVENTIONS",
     "LENIENT_THRESHOLDS",
     "Spacing",
-    "one_hot",
     "dice_batch",
     "iou_batch",
     "image_diagonal",
@@ -94,25 +93,6 @@ def _spacing_tuple(spacing: Spacing, n_spatial: int) -> tuple[float, ...]:
     if any(not s > 0 for s in values):
         raise InputError(f"spacing: values must be positive, got {values}")
     return values
-
-
-def one_hot(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """Turn a label map into one-hot channels.
-
-    Args:
-        labels: ``(B, *spatial)`` integer label map with values in ``0 .. num_labels - 1``.
-        num_labels: number of labels including background (2 for a binary task).
-
-    Returns:
-        ``(B, num_labels, *spatial)`` bool; channel ``k`` is ``labels == k``.
-    """
-    labels = labels.long()
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
-        raise InputError(
-            f"one_hot: labels span {int(labels.min())}..{int(labels.max())}, outside 0..{num_labels - 1}"
-        )
-    ks = torch.arange(num_labels, device=labels.device).view(1, num_labels, *([1] * (labels.ndim - 1)))
-    return labels.unsqueeze(1) == ks
 
 
 def image_diagonal(spatial_shape: Sequence[int], spacing: Spacing = None) -> float:

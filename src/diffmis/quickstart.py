@@ -208,7 +208,7 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 5.0, seed: i
         inputs.append(img_dir / img.name)
     pred_root = run_dir / "predictions"
     timings: dict[str, Any] = {}
-    for name, kwargs in (("segmentor", {"prior_only": True}), ("hidiff", {})):
+    for name, kwargs in (("segmentor", {"segmentor_only": True}), ("hidiff", {})):
         pred = Predictor.from_run(run_dir, checkpoint="last", **kwargs)
         s = predict_paths(pred, inputs, pred_root / name, save_prob=True, save_uncertainty=(name == "hidiff"))
         timings[name] = {"nfe_per_image": s.nfe_per_image, "seconds_per_image": s.seconds_per_image}

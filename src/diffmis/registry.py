@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Generic, TypeVar
 
-__all__ = ["Registry", "MODELS", "SEGMENTORS"]
+__all__ = ["Registry", "MODELS", "SEGMENTORS", "METHODS"]
 
 T = TypeVar("T")
 
@@ -55,3 +55,5 @@ class Registry(Generic[T]):
 
 MODELS: Registry[Any] = Registry("model")
 SEGMENTORS: Registry[Any] = Registry("segmentor")
+#: methods by ``experiment.recipe`` (filled by importing :mod:`diffmis.methods`)
+METHODS: Registry[Any] = Registry("method")

@@ -30,7 +30,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from diffmis.errors import DiffmisError, InputError
-from diffmis.evaluation import file_stem, read_label_map
+from diffmis.data import NIFTI_SUFFIXES, file_stem
+from diffmis.evaluation import read_scored_labels
 from diffmis.utils import atomic_write_text
 
 __all__ = ["write_report"]
@@ -433,7 +434,7 @@ def _resolve(path_value: Any, base: Path) -> Optional[Path]:
 
 def _read_display_image(path: Path) -> np.ndarray:
     """Image as float ``(H, W)`` or ``(H, W, 3)`` in [0, 1] (NIfTI: ``(X, Y, Z)``), for display only."""
-    if file_stem(path, (".nii.gz", ".nii")) is not None:
+    if file_stem(path, NIFTI_SUFFIXES) is not None:
         import nibabel as nib
 
         arr = np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)
@@ -506,7 +507,7 @@ def _case_figure(case_id: str, sets: dict[str, _EvalSet], first: str) -> tuple[s
     ref_path = _resolve(entry.get("ref"), base)
     if ref_path is None:
         return "", [f"reference of case '{case_id}' not found ({entry.get('ref')})"]
-    truth, _ = read_label_map(ref_path)
+    truth, _ = read_scored_labels(ref_path)
     index = None
     if truth.ndim == 3:  # a volume: show the slice with the most reference foreground (last axis)
         index = int(np.argmax((truth > 0).reshape(-1, truth.shape[-1]).sum(0)))
@@ -537,7 +538,7 @@ def _case_figure(case_id: str, sets: dict[str, _EvalSet], first: str) -> tuple[s
         pred_path = _resolve(c.get("pred"), s.folder)
         pred = None
         if pred_path is not None:
-            pred_arr, _ = read_label_map(pred_path)
+            pred_arr, _ = read_scored_labels(pred_path)
             pred = _slice(pred_arr, index) if pred_arr.shape == truth.shape else None
             if pred is None:
                 notes.append(f"prediction {pred_path} has shape {pred_arr.shape}, reference {truth.shape}")

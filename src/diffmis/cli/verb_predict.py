@@ -21,8 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True,
                    help="output folder: PNG label maps (binary: 0/255; K > 1: class index) or NIfTI masks")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--segmentor-only", action="store_true",
+                   help="predict with the run's segmentor alone (HiDiff's prior, PD-DDPM's pre-segmentation, "
+                        "MedSegDiff-V2's condition model): one forward pass, to compare a run with its segmentor")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.steps)")
-    p.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "bernoulli", "bernoulli_ddim", "direct"])
+    p.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "bernoulli", "bernoulli_ddim", "direct"],
+                   help="default: the run's; Gaussian runs take ddim/ddpm, Bernoulli runs bernoulli_ddim/bernoulli")
     p.add_argument("--ensemble", type=int, default=None, help="ensemble members per image, run as one batch")
     p.add_argument("--fuse", choices=["mean", "staple", "mean_squared"], default=None, help="ensemble fusion")
     p.add_argument("--prior", default=None,
@@ -68,11 +72,11 @@ def run(args: argparse.Namespace) -> int:
     pred = Predictor.from_run(args.run, checkpoint=args.checkpoint, device=device, steps=args.steps,
                               ensemble=args.ensemble, fuse=args.fuse, start_step=args.start_step,
                               sampler=args.sampler, precision=args.precision, batch_size=args.batch_size,
-                              prior=prior, seed=args.seed)
+                              prior=prior, seed=args.seed, segmentor_only=args.segmentor_only)
     if prior_dir is not None:
         from diffmis.errors import ConfigError
 
-        if pred.kind != "gaussian":
+        if not pred.method.takes_start_step:
             raise ConfigError(f"--prior needs a Gaussian diffusion run; {args.run} is {pred.cfg.experiment.recipe}")
         if pred.start_step is None:
             raise ConfigError("--prior masks need a start step: --start-step (the run has no sample.start_step)")

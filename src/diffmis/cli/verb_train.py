@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from diffmis.training import distributed
-    from diffmis.training.trainer import resolve_run_config, train
+    from diffmis.training import resolve_run_config, train
 
     cfg, run_dir = resolve_run_config(args.config, args.out, args.resume, args.overrides)
     try:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from diffmis.config import DataConfig
 from diffmis.errors import ConfigError, DataError
+from diffmis.masks import one_hot
 
 from diffmis.data.checks import MAX_LISTED, check_index, nnunet_label_spec, parallel_map
 from diffmis.data.io import load_image_array, load_mask_array, read_volume, volume_shape
@@ -57,7 +58,6 @@ from diffmis.data.transforms import (
     Augmenter,
     NormalizeMode,
     normalize_intensity,
-    one_hot,
     random_patch,
     resize_image,
     resize_labels,
@@ -303,7 +303,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             image_t, labels_t, fov_t = self.augment(image_t, torch.from_numpy(labels.astype(np.int64)), fov_t,
                                                     self._generator())
             labels = labels_t.numpy()
-        out: dict[str, Any] = {"image": image_t, "mask": one_hot(labels, self.num_classes), "id": self.source.ids[i]}
+        out: dict[str, Any] = {"image": image_t, "mask": one_hot(labels, self.num_classes, dim=0), "id": self.source.ids[i]}
         if fov_t is not None:
             out["fov"] = fov_t.unsqueeze(0)
         return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import nibabel as nib
 import numpy as np
@@ -22,6 +22,9 @@ from diffmis.data.transforms import resize_image, resize_labels
 __all__ = [
     "IMAGE_SUFFIXES",
     "NIFTI_SUFFIXES",
+    "LABEL_SUFFIXES",
+    "file_stem",
+    "read_label_map",
     "Volume",
     "split_suffix",
     "image_header",
@@ -40,6 +43,8 @@ PathLike = Union[str, Path]
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 #: NIfTI suffixes (nnU-Net raw datasets).
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+#: lossless label-map files (predictions and references ``diffmis evaluate`` reads; JPEG is lossy, so left out)
+LABEL_SUFFIXES: tuple[str, ...] = (*NIFTI_SUFFIXES, ".png", ".tif", ".tiff", ".bmp", ".gif")
 
 # PIL modes -> the mode an image is converted to before it becomes an array (None: keep)
 _IMAGE_MODES: dict[str, Optional[str]] = {
@@ -58,6 +63,13 @@ def split_suffix(name: str) -> tuple[str, str]:
     if dot <= 0:
         return name, ""
     return name[:dot], lower[dot:]
+
+
+def file_stem(path: PathLike, suffixes: Sequence[str]) -> Optional[str]:
+    """The name of ``path`` without its suffix (:func:`split_suffix`) when that suffix is one of ``suffixes``
+    (lower case), else None."""
+    stem, suffix = split_suffix(Path(path).name)
+    return stem if suffix in suffixes and stem else None
 
 
 def _open(path: Path) -> Image.Image:
@@ -317,3 +329,31 @@ def write_volume_like(ref_path: PathLike, slices: np.ndarray, out_path: PathLike
     out = type(ref)(volume, ref.affine, header=header)
     nib.save(out, str(out_path))
     return out_path
+
+
+def read_label_map(path: PathLike) -> tuple[np.ndarray, Optional[tuple[float, ...]]]:
+    """Read a label-map file, 2D (PNG/TIFF/BMP/GIF/JPEG) or NIfTI, as stored (no remapping of values).
+
+    Returns:
+        ``(labels, spacing)``: int64 ``(H, W)`` (2D files) or ``(X, Y, Z)`` (NIfTI), and the NIfTI voxel size
+        (None for 2D files).
+
+    Raises:
+        DataError: the file cannot be read, holds non-integer values, or negative labels.
+    """
+    path = Path(path)
+    spacing: Optional[tuple[float, ...]] = None
+    if split_suffix(path.name)[1] in NIFTI_SUFFIXES:
+        vol = read_volume(path)
+        data, spacing = vol.data, vol.spacing
+        if data.dtype.kind == "f":
+            if not np.isfinite(data).all() or not (data == np.round(data)).all():
+                raise DataError(f"{path}: mask values must be whole numbers (a label map), found fractional values")
+        elif data.dtype.kind not in "iub":
+            raise DataError(f"{path}: unsupported mask data type {data.dtype}")
+        labels = np.asarray(data).astype(np.int64)
+    else:
+        labels = load_mask_array(path).astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{path}: negative label {int(labels.min())}")
+    return labels, spacing

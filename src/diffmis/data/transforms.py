@@ -25,7 +25,7 @@ Augmentation (``AugmentConfig``), each part applied independently with probabili
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -39,7 +39,6 @@ __all__ = [
     "resize_labels",
     "normalize_intensity",
     "random_patch",
-    "one_hot",
     "Augmenter",
     "NormalizeMode",
 ]
@@ -171,24 +170,6 @@ def random_patch(
         left = int(rng.integers(w - pw + 1))
     sl = (slice(top, top + ph), slice(left, left + pw))
     return image[(slice(None), *sl)], labels[sl], None if fov is None else fov[sl]
-
-
-def one_hot(labels: Union[np.ndarray, torch.Tensor], num_classes: int) -> torch.Tensor:
-    """Class-index map -> one-hot float mask (computed in numpy: no thread start-up cost per item).
-
-    Args:
-        labels: ``(H, W)`` integer class indices in ``[0, K)`` ({0, 1} when ``num_classes`` is 1), numpy or a
-            CPU tensor.
-        num_classes: K. ``1``: the single foreground channel; ``>= 2``: channel 0 is background.
-
-    Returns:
-        ``(K, H, W)`` float32 tensor in {0, 1}.
-    """
-    lab = labels.numpy() if isinstance(labels, torch.Tensor) else labels
-    if num_classes == 1:
-        return torch.from_numpy((lab == 1)[None].astype(np.float32))
-    classes = np.arange(num_classes, dtype=lab.dtype).reshape(-1, 1, 1)
-    return torch.from_numpy((lab[None] == classes).astype(np.float32))
 
 
 class Augmenter:

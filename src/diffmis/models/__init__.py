@@ -8,8 +8,7 @@ Importing this package registers every denoiser in :data:`diffmis.registry.MODEL
 from diffmis.models.conditional_unet import ConditionalUNet
 from diffmis.models.hidiff import BBDMDenoiser
 from diffmis.models.medsegdiff import MedSegDiff
-from diffmis.models.medsegdiff_v2 import MedSegDiffV2, anchor_loss
+from diffmis.models.medsegdiff_v2 import MedSegDiffV2
 from diffmis.models.segmentors import Segmentor, SegmentorOutput
 
-__all__ = ["ConditionalUNet", "MedSegDiff", "MedSegDiffV2", "anchor_loss", "BBDMDenoiser", "Segmentor",
-           "SegmentorOutput"]
+__all__ = ["ConditionalUNet", "MedSegDiff", "MedSegDiffV2", "BBDMDenoiser", "Segmentor", "SegmentorOutput"]

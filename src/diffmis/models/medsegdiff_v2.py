@@ -4,8 +4,9 @@ The official repository has none of V2's components (METHODS 3.1), so every unkn
 argument with the choice of METHODS 3.3 as default [INFER].
 
 * Condition model: any registered segmentor, run once per image by :meth:`MedSegDiffV2.condition`. Its logits
-  are the anchor prediction (supervised by :func:`anchor_loss`), its finest feature the anchor, its deepest
-  feature the semantic condition. Gradients of the diffusion loss reach it (detach in the recipe if unwanted).
+  are the anchor prediction (supervised by the method's anchor loss, ``methods/medsegdiff_v2.py``), its finest
+  feature the anchor, its deepest feature the semantic condition. Gradients of the diffusion loss reach it
+  (detach in the method if unwanted).
 * Anchor condition, U-SA:  ``f_anc = sigmoid((f_c * k_Gauss) + f_c)``, ``f_d' = f_anc ⊙ f_d + f_d`` on the output
   of the first encoder level, with ``f_c = conv1x1(anchor feature)`` and a Gaussian kernel whose width and
   sub-pixel mean are learnable.
@@ -21,10 +22,9 @@ argument with the choice of METHODS 3.3 as default [INFER].
 Input size: H and W must be divisible by the UNet's and the segmentor's ``size_multiple``.
 
 Contents
-    1. Anchor loss (Dice + beta * CE)
-    2. Uncertain spatial attention (U-SA)
-    3. SS-Former with the neural band-pass filter
-    4. Model
+    1. Uncertain spatial attention (U-SA)
+    2. SS-Former with the neural band-pass filter
+    3. Model
 """
 
 from __future__ import annotations
@@ -41,45 +41,11 @@ from diffmis.models.layers import LayerNorm2d, resample_rfft_map, resize_to
 from diffmis.models.segmentors import SegmentorOutput
 from diffmis.registry import MODELS, SEGMENTORS
 
-__all__ = ["MedSegDiffV2", "UncertainSpatialAttention", "SpectralCrossAttention", "SSFormer", "anchor_loss"]
+__all__ = ["MedSegDiffV2", "UncertainSpatialAttention", "SpectralCrossAttention", "SSFormer"]
 
 
 # ======================================================================================================
-# 1. Anchor loss
-# ======================================================================================================
-
-
-def anchor_loss(anchor_logits: Tensor, mask: Tensor, beta: float = 10.0, eps: float = 1e-6) -> Tensor:
-    """Supervision of the condition model's prediction: ``L_Dice + beta * L_CE`` (METHODS 3.2).
-
-    The recipe adds it every ``alpha`` diffusion steps (``1[t mod alpha = 0]``); this function is the loss only.
-
-    Args:
-        anchor_logits: ``(B, K, H, W)`` logits of the condition model.
-        mask: ``(B, K, H, W)`` one-hot float in {0, 1}.
-        beta: weight of the cross-entropy term.
-        eps: smoothing of the soft Dice ratio (an empty mask predicted empty scores Dice 1).
-
-    Returns:
-        Scalar: soft Dice loss (mean over samples and channels) + ``beta`` x cross-entropy (BCE for K = 1,
-        softmax CE over channels for K > 1, mean over pixels).
-    """
-    logits = anchor_logits.float()
-    mask = mask.float()
-    if logits.shape[1] == 1:
-        prob = torch.sigmoid(logits)
-        ce = F.binary_cross_entropy_with_logits(logits, mask)
-    else:
-        prob = torch.softmax(logits, dim=1)
-        ce = -(mask * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    inter = (prob * mask).sum(dim=(2, 3))
-    denom = prob.sum(dim=(2, 3)) + mask.sum(dim=(2, 3))
-    dice = 1 - (2 * inter + eps) / (denom + eps)
-    return dice.mean() + beta * ce
-
-
-# ======================================================================================================
-# 2. Uncertain spatial attention (U-SA)
+# 1. Uncertain spatial attention (U-SA)
 # ======================================================================================================
 
 
@@ -123,7 +89,7 @@ class UncertainSpatialAttention(nn.Module):
 
 
 # ======================================================================================================
-# 3. SS-Former with the neural band-pass filter
+# 2. SS-Former with the neural band-pass filter
 # ======================================================================================================
 
 
@@ -223,7 +189,7 @@ class SSFormer(nn.Module):
 
 
 # ======================================================================================================
-# 4. Model
+# 3. Model
 # ======================================================================================================
 
 

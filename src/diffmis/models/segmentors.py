@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import torch
 from monai.networks.nets import AttentionUnet, BasicUNet, SegResNet
 from monai.networks.nets.attentionunet import AttentionLayer
 from torch import Tensor, nn
 
+from diffmis.masks import probabilities
 from diffmis.models.layers import check_spatial_size
 from diffmis.registry import SEGMENTORS
 
@@ -93,8 +93,8 @@ class Segmentor(nn.Module):
         return SegmentorOutput(logits=logits, features=captured)  # type: ignore[arg-type]
 
     def probabilities(self, logits: Tensor) -> Tensor:
-        """``(B, K, H, W)`` logits -> probabilities in [0, 1]: sigmoid for K = 1, softmax over channels for K > 1."""
-        return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+        """``(B, K, H, W)`` logits -> probabilities in [0, 1] (:func:`diffmis.masks.probabilities`)."""
+        return probabilities(logits)
 
 
 # ======================================================================================================

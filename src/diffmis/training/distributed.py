@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "is_main_process", "barrier", "all_reduce_sum", "all_gather_objects",
-           "cleanup"]
+           "average_gradients", "broadcast_module", "sync_buffers", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,36 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def average_gradients(params: Sequence[torch.nn.Parameter], world: int) -> None:
+    """Mean of the gradients over ranks with one flattened all-reduce (DDP's arithmetic, done by hand because a
+    method's phases may run one network several times per iteration)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world <= 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's weights and buffers to every rank (identical starting points)."""
+    if dist.is_initialized():
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) to every rank, after each optimizer step."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
 
 
 def cleanup() -> None:

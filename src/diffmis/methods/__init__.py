@@ -1,0 +1,45 @@
+"""Methods (layer 6): one file per paper, each a :class:`~diffmis.methods.base.Method` registered by name.
+
+=====================  ================================================================================
+recipe                 file
+=====================  ================================================================================
+``segmentor``          ``segmentor.py``: a discriminative segmentor alone (Dice + CE); the baseline
+``medsegdiff``         ``medsegdiff.py``: Gaussian DDPM on the mask (MedSegDiff denoiser: DCE, FF-Parser);
+                       ``conditional_unet`` is the same method with the plain conditional UNet (Wolleb)
+``medsegdiff_v2``      ``medsegdiff_v2.py``: + condition segmentor (U-SA anchor, SS-Former) and anchor loss
+``pd_ddpm``            ``pd_ddpm.py``: + pre-segmentation network; sampling starts at T' < T
+``berdiff``            ``berdiff.py``: Bernoulli diffusion on the mask with the uniform prior 1/2
+``hidiff``             ``hidiff.py``: segmentor prior + BBDM refiner, alternate-collaborative training
+=====================  ================================================================================
+
+Importing this package fills :data:`diffmis.registry.METHODS`; :func:`build` turns a config into a method.
+"""
+
+from diffmis.config import Config
+from diffmis.errors import ConfigError
+from diffmis.methods import berdiff, hidiff, medsegdiff, medsegdiff_v2, pd_ddpm, segmentor  # noqa: F401
+from diffmis.methods.base import LossOutput, Method, Phase, build_segmentor, load_segmentor_run
+from diffmis.methods.berdiff import BerDiff
+from diffmis.methods.hidiff import HiDiff
+from diffmis.methods.medsegdiff import GaussianMaskDiffusion
+from diffmis.methods.medsegdiff_v2 import MedSegDiffV2
+from diffmis.methods.pd_ddpm import PDDPM
+from diffmis.methods.segmentor import SegmentorMethod
+from diffmis.registry import METHODS
+
+__all__ = ["METHODS", "Method", "Phase", "LossOutput", "build", "build_segmentor", "load_segmentor_run",
+           "SegmentorMethod", "GaussianMaskDiffusion", "MedSegDiffV2", "PDDPM", "BerDiff", "HiDiff"]
+
+
+def build(cfg: Config) -> Method:
+    """Build the method a config describes: ``experiment.recipe`` names it in :data:`METHODS` (no weights loaded).
+
+    Raises:
+        ConfigError: an unknown recipe, registry name or constructor parameter, or settings the method refuses.
+    """
+    try:
+        cls = METHODS.get(cfg.experiment.recipe)
+    except KeyError:
+        raise ConfigError(f"experiment.recipe '{cfg.experiment.recipe}' is not a method; registered: "
+                          f"{', '.join(METHODS.names())}") from None
+    return cls.from_config(cfg)

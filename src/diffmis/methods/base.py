@@ -1,0 +1,299 @@
+"""The method interface: what a training loop and a predictor need from a segmentation method, and nothing more.
+
+A *method* is a network (or two), a noise scheduler, its loss terms, the training phases one optimizer step runs,
+and its sampler: one paper. Each lives in one file of this package and registers itself in
+:data:`diffmis.registry.METHODS` under the name a config gives as ``experiment.recipe``. The trainer and the
+predictor use only :class:`Method`:
+
+====================================  ====================================================================
+``Method.from_config(cfg)``           build it (registry names in the config pick the networks;
+                                      ``diffmis.methods.build(cfg)`` finds the class by ``experiment.recipe``)
+``parameter_groups()``                name -> trainable parameters; one optimizer each
+``phases(step)``                      the optimizer steps of training iteration ``step``, in order
+``ema_module()``                      the sub-module whose weights are averaged (or None)
+``loss(image, mask, step, gen)``      :class:`LossOutput` (total + named terms), for one-phase methods and
+                                      validation
+``sample(image, ...)``                :class:`~diffmis.sampling.SampleOutput`: probabilities and NFE
+``segmentor_module()``                the discriminative segmentor inside (HiDiff's prior, PD-DDPM's
+                                      pre-segmentation, MedSegDiff-V2's condition model), or None
+``setup_training(cfg, log)``          before the first step of a new run (e.g. load ``train.prior_run``)
+``check_sampling(steps, ...)``        validate sampler options against this method (ConfigError)
+====================================  ====================================================================
+
+Adding a method = one file here with a :class:`Method` subclass decorated ``@METHODS.register("name")``, one
+import in ``methods/__init__.py``, its recipe configs, and an entry in ``tests/test_methods.py``'s tiny configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from diffmis.checkpoint import load_weights_into, read_state
+from diffmis.config import Config
+from diffmis.errors import CheckpointError, ConfigError
+from diffmis.registry import METHODS, MODELS, SEGMENTORS
+from diffmis.sampling import SampleOutput
+
+__all__ = [
+    "LossOutput",
+    "Phase",
+    "Method",
+    "register",
+    "load_segmentor_run",
+    "compose",
+    "rand_t",
+    "randn_like",
+    "repeat_members",
+    "trainable",
+    "build_model",
+    "build_segmentor",
+]
+
+LossFn = Callable[[Tensor, Tensor, int, Optional[torch.Generator]], "LossOutput"]
+
+
+# ======================================================================================================
+# Results and phases
+# ======================================================================================================
+
+
+@dataclass
+class LossOutput:
+    """``total``: the scalar to backpropagate; ``terms``: each raw term by name (detached, for logging)."""
+
+    total: Tensor
+    terms: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One optimizer step of a training iteration: ``loss`` is backpropagated into the parameter group ``group``
+    (whose optimizer then steps); ``ema``: update the EMA of :meth:`Method.ema_module` after the step."""
+
+    group: str
+    loss: LossFn
+    ema: bool = False
+
+
+def compose(raw: dict[str, Tensor], weights: dict[str, float], defaults: dict[str, float]) -> LossOutput:
+    """The weighted sum of named loss terms, in one place per method (STYLE 7).
+
+    ``weights`` (``train.loss_weights``) override ``defaults``; a term of weight 0 is logged but not summed.
+
+    Raises:
+        ConfigError: every term has weight 0.
+    """
+    total: Optional[Tensor] = None
+    for name, value in raw.items():
+        w = float(weights.get(name, defaults.get(name, 1.0)))
+        if w != 0.0:
+            total = value * w if total is None else total + value * w
+    if total is None:
+        raise ConfigError(f"every loss term ({', '.join(raw)}) has weight 0 in train.loss_weights")
+    return LossOutput(total=total, terms={k: v.detach() for k, v in raw.items()})
+
+
+def rand_t(n: int, timesteps: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """(n,) int64 timesteps uniform in [0, T), drawn from ``generator`` on its own device."""
+    t = torch.randint(0, timesteps, (n,), generator=generator, device=generator.device if generator else "cpu")
+    return t.to(device)
+
+
+def randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """Standard normal noise shaped like ``x``, drawn from ``generator`` (on its device), moved to ``x``'s."""
+    dev = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+
+
+def repeat_members(obj: Any, n: int) -> Any:
+    """Repeat every tensor in ``obj`` (a tensor, or lists / tuples / dicts of them) ``n`` times along the batch,
+    image-major (``repeat_interleave``), the order :func:`diffmis.ensemble.ensemble_predict` expects."""
+    if n == 1:
+        return obj
+    if isinstance(obj, Tensor):
+        return obj.repeat_interleave(n, dim=0)
+    if isinstance(obj, dict):
+        return {k: repeat_members(v, n) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(repeat_members(v, n) for v in obj)
+    return obj
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+# ======================================================================================================
+# The interface
+# ======================================================================================================
+
+
+class Method(nn.Module):
+    """Base class of every method (see the module docstring for the interface).
+
+    ``sample(image, members=n)`` returns ``B * n`` samples (image-major): once-per-image work (a prior segmentor,
+    a condition encoder) runs on the B images and is repeated, so ensembles do not pay it n times.
+
+    Class attributes:
+        name: the registry name (set by :func:`register`).
+        samplers: the samplers :meth:`sample` accepts (``sample.sampler`` must be one; the first is the family's
+            usual one).
+        takes_start_step: :meth:`sample` can start the reverse chain from a noised prior mask (PD-DDPM start).
+        own_prior: the method has its own pre-segmentation network for that start.
+    """
+
+    name: ClassVar[str] = ""
+    samplers: ClassVar[tuple[str, ...]] = ("direct",)
+    takes_start_step: ClassVar[bool] = False
+    own_prior: ClassVar[bool] = False
+    supports_members: ClassVar[bool] = True
+
+    num_classes: int
+    default_sampler: str = "direct"
+    default_steps: int = 1
+    default_start_step: Optional[int] = None
+    #: T of the method's diffusion (None: no diffusion)
+    timesteps: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Method":
+        raise NotImplementedError
+
+    # ---- training -----------------------------------------------------------------------------------------
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by group; the trainer builds one optimizer per group, in this order."""
+        return {"main": trainable(self)}
+
+    def phases(self, step: int) -> list[Phase]:
+        """The optimizer steps of training iteration ``step``: by default one step of :meth:`loss` on every
+        parameter, followed by an EMA update."""
+        return [Phase("main", self.loss, ema=True)]
+
+    def ema_module(self) -> Optional[nn.Module]:
+        """The sub-module whose weights are averaged (EMA) during training, or None."""
+        return None
+
+    def loss(self, image: Tensor, mask: Tensor, step: int = 0,
+             generator: Optional[torch.Generator] = None) -> LossOutput:
+        """Training loss of one batch: ``image`` (B, C, H, W), ``mask`` (B, K, H, W) one-hot."""
+        raise NotImplementedError
+
+    def forward(self, image: Tensor, mask: Tensor, step: int = 0,
+                generator: Optional[torch.Generator] = None) -> LossOutput:  # DDP calls forward
+        return self.loss(image, mask, step, generator)
+
+    def segmentor_module(self) -> Optional[nn.Module]:
+        """The discriminative segmentor inside the method (it can predict alone), or None."""
+        return None
+
+    def setup_training(self, cfg: Config, log: Callable[[str], None] = print) -> None:
+        """Before the first step of a new run: load ``train.prior_run`` (a segmentor run) into
+        :meth:`segmentor_module`. A resumed run takes every weight from its checkpoint instead."""
+        if cfg.train.prior_run:
+            seg = self.segmentor_module()
+            if seg is None:
+                raise ConfigError(f"train.prior_run is set, but recipe '{cfg.experiment.recipe}' has no segmentor "
+                                  "to start from a segmentor run")
+            ck = load_segmentor_run(seg, cfg.train.prior_run)
+            log(f"segmentor initialised from {ck}")
+
+    # ---- inference ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, image: Tensor, *, steps: Optional[int] = None, sampler: Optional[str] = None,
+               eta: float = 0.0, start_step: Optional[int] = None, init: Optional[Tensor] = None,
+               generator: Optional[torch.Generator] = None, members: int = 1) -> SampleOutput:
+        """Probabilities (B * members, K, H, W) in [0, 1] for ``image`` (B, C, H, W), image-major, and the NFE.
+
+        Args:
+            steps: reverse steps (default :attr:`default_steps`).
+            sampler: one of :attr:`samplers` (default :attr:`default_sampler`).
+            eta: DDIM stochasticity (Gaussian samplers).
+            start_step: PD-DDPM start T' (methods with :attr:`takes_start_step`); 0 = the full chain from noise.
+            init: (B, K, H, W) or (B * members, K, H, W) prior mask for that start.
+            generator: the only source of randomness.
+            members: samples per image.
+        """
+        raise NotImplementedError
+
+    def check_sampling(self, steps: Optional[int] = None, sampler: Optional[str] = None,
+                       start_step: Optional[int] = None) -> None:
+        """Raise :class:`ConfigError` naming the option when a sampler setting does not fit this method."""
+        if sampler is not None and sampler not in self.samplers:
+            raise ConfigError(f"sampler {sampler!r} does not fit this {type(self).name} run; use "
+                              f"{' or '.join(self.samplers)}")
+        if start_step is not None and not self.takes_start_step:
+            raise ConfigError(f"a start step (PD-DDPM start) needs a Gaussian diffusion run; this run is "
+                              f"{type(self).name}")
+        if start_step and self.timesteps is not None and not 1 <= start_step <= self.timesteps:
+            raise ConfigError(f"start step {start_step} is outside 1..{self.timesteps} (diffusion.timesteps)")
+        if steps is not None and self.timesteps is not None:
+            limit = start_step or self.timesteps
+            if not 1 <= steps <= limit:
+                raise ConfigError(f"steps={steps} is outside 1..{limit} "
+                                  f"({'the start step' if start_step else 'diffusion.timesteps'})")
+
+
+def register(name: str, *aliases: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: register a :class:`Method` in :data:`METHODS` as ``name`` (its ``experiment.recipe``)
+    and any ``aliases`` (older recipe names that keep working); sets the class's :attr:`Method.name`."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        for key in (name, *aliases):
+            METHODS.register(key)(cls)
+        return cls
+
+    return deco
+
+
+# ======================================================================================================
+# Building
+# ======================================================================================================
+
+
+def build_segmentor(name: str, params: dict[str, Any], in_channels: int, num_classes: int) -> nn.Module:
+    """A registered segmentor; an unknown name or parameter is a :class:`ConfigError` naming it."""
+    import diffmis.models  # noqa: F401  (fills the registries)
+
+    try:
+        return SEGMENTORS.build(name, in_channels=in_channels, num_classes=num_classes, **params)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"segmentor '{name}': {err}") from None
+
+
+def build_model(name: str, params: dict[str, Any], **kwargs: Any) -> nn.Module:
+    """A registered denoiser; an unknown name or parameter is a :class:`ConfigError` naming it."""
+    import diffmis.models  # noqa: F401  (fills the registries)
+
+    try:
+        return MODELS.build(name, **kwargs, **params)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"model '{name}': {err}") from None
+
+
+def load_segmentor_run(segmentor: nn.Module, run: str | Path) -> Path:
+    """Load the segmentor of a ``segmentor`` run folder (``best``, else ``last``) into ``segmentor``.
+
+    Raises:
+        CheckpointError: no checkpoint, a run of another recipe, or weights that do not fit (the tensor named).
+    """
+    from safetensors.torch import load_file
+
+    run = Path(run)
+    ck = run / "checkpoints" / ("best" if (run / "checkpoints" / "best").is_dir() else "last")
+    if not ck.is_dir():
+        raise CheckpointError(f"train.prior_run {run} has no checkpoint (checkpoints/best or checkpoints/last)")
+    recipe = ((read_state(ck).get("config") or {}).get("experiment") or {}).get("recipe")
+    if recipe not in ("segmentor", None):
+        raise CheckpointError(f"train.prior_run {run} is a '{recipe}' run; a segmentor run is needed")
+    tensors = load_file(str(ck / "model.safetensors"))
+    sub = {k[len("segmentor."):]: v for k, v in tensors.items() if k.startswith("segmentor.")}
+    load_weights_into(segmentor, sub, str(ck))
+    return ck

@@ -1,0 +1,123 @@
+"""HiDiff (Chen et al., arXiv 2407.03548, IEEE TMI 2024; METHODS 5): a discriminative segmentor S gives the prior
+``p``; BBDM, a Bernoulli diffusion whose stationary law is ``B(p)``, refines it; S and the refiner R are trained
+alternate-collaboratively.
+
+    p = sigmoid / softmax(S(I))                                                        (K = 1: sigmoid, METHODS 5.2)
+    q(y_t | y_0, p) = B(abar_t y_0 + (1 - abar_t) p)                                   (5.3.1)
+    R([I, y_t, p], t, features of S) -> flip logits; loss KL + lambda focal             (5.3.3, 5.3.4)
+    one training iteration (5.5):
+      1. refiner step:   p and the features detached;  L_BBDM -> R;  EMA of R
+      2. segmentor step: L_S (Dice + CE) + w_diff L_BBDM through p and the features -> S
+    sample: y_{T-1} ~ B(p), Bernoulli-DDIM steps, the last returns y0_hat                (5.3.6)
+
+The chain and its loss are BerDiff's (:mod:`diffmis.methods.berdiff`) with the segmentor's prior. With
+``diffusion.prior_residual`` (default) the refiner's output is added to the prior's Bayes flip logits, so an
+untrained refiner returns the segmentor's answer and training learns the correction. ``train.pretrain_steps``
+runs the segmentor step alone first; ``train.prior_run`` starts S from a segmentor run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from diffmis.config import Config
+from diffmis.errors import ConfigError
+from diffmis.losses import segmentation_loss_terms
+from diffmis.masks import probabilities
+from diffmis.methods.base import LossOutput, Phase, build_model, build_segmentor, compose, register, trainable
+from diffmis.methods.berdiff import BerDiff
+
+__all__ = ["HiDiff"]
+
+
+@register("hidiff")
+class HiDiff(BerDiff):
+    """HiDiff: segmentor ``segmentor`` (S) + BBDM refiner ``refiner`` (R), alternate-collaborative training.
+
+    Args:
+        segmentor: S, ``forward(image) -> SegmentorOutput`` (logits and features fine -> coarse).
+        denoiser: the refiner R (attribute ``refiner``), ``forward(y_t, t, {"image", "prior", "features"})
+            -> flip logits``.
+        w_diff: weight of L_BBDM in the segmentor step (``train.w_diff``).
+        pretrain_steps: iterations that run the segmentor step alone (without L_BBDM) first.
+        **kwargs: :class:`BerDiff`'s (scheduler, num_classes, loss weights, focal lambda, prior residual, sampler).
+    """
+
+    network_name = "refiner"
+
+    def __init__(self, segmentor: nn.Module, denoiser: nn.Module, *, w_diff: float = 0.1, pretrain_steps: int = 0,
+                 prior_residual: bool = True, **kwargs: Any) -> None:
+        super().__init__(denoiser, prior_residual=prior_residual, **kwargs)
+        self.segmentor = segmentor
+        self.w_diff = w_diff
+        self.pretrain_steps = pretrain_steps
+
+    @classmethod
+    def from_config(cls, cfg: Config, **kwargs: Any) -> "HiDiff":
+        seg_cfg = cfg.model.segmentor
+        if seg_cfg is None:
+            raise ConfigError("recipe 'hidiff' needs model.segmentor (the prior segmentor)")
+        seg = build_segmentor(seg_cfg.name, dict(seg_cfg.params), cfg.data.in_channels, cfg.data.num_classes)
+        refiner = build_model(cfg.model.name, dict(cfg.model.params), in_channels=cfg.data.in_channels,
+                              num_classes=cfg.data.num_classes, segmentor_channels=list(seg.feature_channels))
+        return super().from_config(cfg, segmentor=seg, denoiser=refiner, w_diff=cfg.train.w_diff,
+                                   pretrain_steps=cfg.train.pretrain_steps, **kwargs)
+
+    def segmentor_module(self) -> nn.Module:
+        return self.segmentor
+
+    # ---- the prior and the condition ----------------------------------------------------------------------
+
+    def prior_and_condition(self, image: Tensor, detach: bool = True) -> tuple[Tensor, dict[str, Any], int]:
+        """S's prior ``p`` (B, K, H, W) and the refiner's condition ``{"image", "prior", "features"}``; ``detach``
+        cuts both from S's graph (the refiner step and sampling). One network evaluation."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
+            out = self.segmentor(image)
+            prior = probabilities(out.logits.float())
+            feats = list(out.features)
+        if detach:
+            prior, feats = prior.detach(), [f.detach() for f in feats]
+        return prior, {"image": image, "prior": prior, "features": feats}, 1
+
+    # ---- training: the alternate-collaborative iteration ---------------------------------------------------
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"segmentor": trainable(self.segmentor), "refiner": trainable(self.refiner)}
+
+    def phases(self, step: int) -> list[Phase]:
+        if step < self.pretrain_steps:  # the segmentor alone first
+            return [Phase("segmentor", self.segmentor_loss_alone)]
+        return [Phase("refiner", self.refiner_loss, ema=True), Phase("segmentor", self.segmentor_loss)]
+
+    def refiner_loss(self, image: Tensor, mask: Tensor, step: int = 0,
+                     generator: Optional[torch.Generator] = None) -> LossOutput:
+        """Step 1 (METHODS 5.5): L_BBDM with S's prior and features detached."""
+        _, cond, _ = self.prior_and_condition(image, detach=True)
+        return compose(self.bbdm_terms(mask, cond, generator), self.loss_weights,
+                       {"kl": 1.0, "focal": self.focal_lambda})
+
+    def segmentor_loss(self, image: Tensor, mask: Tensor, step: int = 0,
+                       generator: Optional[torch.Generator] = None, with_bbdm: bool = True) -> LossOutput:
+        """Step 2 (METHODS 5.5): L_S + w_diff L_BBDM, with gradients through the prior and the features."""
+        out = self.segmentor(image)
+        raw = segmentation_loss_terms(out.logits, mask)
+        if self.w_diff > 0 and with_bbdm:
+            prior = probabilities(out.logits.float())
+            bb = self.bbdm_terms(mask, {"image": image, "prior": prior, "features": list(out.features)}, generator)
+            raw["bbdm"] = bb["kl"] + self.focal_lambda * bb["focal"]
+        return compose(raw, self.loss_weights, {"dice": 1.0, "ce": 1.0, "bbdm": self.w_diff})
+
+    def segmentor_loss_alone(self, image: Tensor, mask: Tensor, step: int = 0,
+                             generator: Optional[torch.Generator] = None) -> LossOutput:
+        """Segmentor pre-training: L_S alone."""
+        return self.segmentor_loss(image, mask, step, generator, with_bbdm=False)
+
+    def loss(self, image: Tensor, mask: Tensor, step: int = 0,
+             generator: Optional[torch.Generator] = None) -> LossOutput:
+        """Both losses summed (validation loss logging only; training alternates the phases)."""
+        a = self.refiner_loss(image, mask, step, generator)
+        b = self.segmentor_loss(image, mask, step, generator)
+        return LossOutput(a.total + b.total, {**a.terms, **{f"seg_{k}": v for k, v in b.terms.items()}})

@@ -1,0 +1,76 @@
+"""PD-DDPM (Guo et al., arXiv 2210.17408, ISBI 2023; METHODS 4): a Gaussian mask DDPM whose reverse chain starts
+from the noised pre-segmentation of a separately trained segmentor at T' < T, so far fewer steps are needed.
+
+    y_pre = hard labels of the pre-segmentation network f_seg(I)                       (METHODS 4.2 step 1)
+    x_{T'-1} ~ q(x_{T'-1} | x_0 = y_pre)                                               (step 2; no ADDPM off-by-one)
+    run the reverse steps over [0, T') only                                           (step 3)
+
+Training is MedSegDiff's denoising loss; the pre-segmentation network (``model.segmentor``) trains alongside
+with Dice + CE (term ``prior``), or comes frozen from a segmentor run (``train.prior_run``). T' is
+``sample.start_step`` (``diffmis.sampling.propose_start_step`` gives the SNR rule of METHODS 4.3);
+``--start-step 0`` runs the same network from pure noise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from diffmis.config import Config
+from diffmis.errors import ConfigError
+from diffmis.losses import segmentation_loss_terms
+from diffmis.masks import probabilities
+from diffmis.methods.base import LossOutput, build_segmentor, compose, register
+from diffmis.methods.medsegdiff import GaussianMaskDiffusion
+
+__all__ = ["PDDPM"]
+
+
+@register("pd_ddpm")
+class PDDPM(GaussianMaskDiffusion):
+    """A Gaussian mask DDPM + its pre-segmentation network ``prior``; sampling starts at ``default_start_step``.
+
+    Args:
+        prior: the pre-segmentation segmentor.
+        prior_trainable: train it alongside (Dice + CE, term ``prior``); False freezes it.
+        default_start_step: T' used when :meth:`sample` gets no start step.
+    """
+
+    own_prior = True
+
+    def __init__(self, denoiser: nn.Module, *args: Any, prior: nn.Module, prior_trainable: bool = True,
+                 default_start_step: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(denoiser, *args, **kwargs)
+        self.prior = prior
+        self.prior_trainable = prior_trainable
+        if not prior_trainable:
+            for p in prior.parameters():
+                p.requires_grad_(False)
+        self.default_start_step = default_start_step
+
+    @classmethod
+    def from_config(cls, cfg: Config, **kwargs: Any) -> "PDDPM":
+        seg = cfg.model.segmentor
+        if seg is None:
+            raise ConfigError("recipe 'pd_ddpm' needs model.segmentor (the pre-segmentation network)")
+        prior = build_segmentor(seg.name, dict(seg.params), cfg.data.in_channels, cfg.data.num_classes)
+        return super().from_config(cfg, prior=prior, prior_trainable=cfg.train.prior_run is None,
+                                   default_start_step=cfg.sample.start_step, **kwargs)
+
+    def segmentor_module(self) -> nn.Module:
+        return self.prior
+
+    def loss(self, image: Tensor, mask: Tensor, step: int = 0,
+             generator: Optional[torch.Generator] = None) -> LossOutput:
+        raw, _, _ = self.diffusion_terms(image, mask, generator)
+        if self.prior_trainable:  # the pre-segmentation network trains alongside
+            seg = segmentation_loss_terms(self.prior(image).logits, mask)
+            raw["prior"] = seg["dice"] + seg["ce"]
+        return compose(raw, self.loss_weights, {"diffusion": 1.0, "prior": 1.0})
+
+    @torch.no_grad()
+    def start_prior(self, image: Tensor) -> Tensor:
+        """The pre-segmentation probabilities (B, K, H, W) of ``image``."""
+        return probabilities(self.prior(image).logits.float())

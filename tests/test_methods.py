@@ -1,0 +1,228 @@
+"""Every registered method, through the Method interface only: gradients reach every trainable parameter from its
+training phases, the loss of a known input has its known value, a few dozen steps on one tiny batch make it learn
+(Dice on that batch > 0.9), and sampling with an oracle network returns the truth.
+
+A new method is tested by being registered and given an entry in :data:`ENTRIES` (its tiny config, how to make
+its network an oracle, and the known loss of its fresh network).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from _tiny import RECIPES, tiny_config
+from diffmis.config import config_from_dict
+from diffmis.losses import segmentation_loss_terms
+from diffmis.masks import hard_labels, one_hot, probabilities
+from diffmis.methods import METHODS, Method, build
+from diffmis.methods.medsegdiff_v2 import anchor_loss
+from diffmis.metrics import dice_batch
+from diffmis.models.segmentors import SegmentorOutput
+
+SIZE = 32
+
+
+def truth_masks(k: int, n: int = 4) -> torch.Tensor:
+    """(n, K, 32, 32) one-hot masks: a disc (class 1) and, for K = 3, a square (class 2), placed per image."""
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    labels = torch.zeros(n, SIZE, SIZE, dtype=torch.long)
+    for i in range(n):
+        cy, cx = 10 + 3 * i, 12 + 2 * i
+        labels[i][(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = 1
+        if k > 1:
+            labels[i][20:27, 4 + i:11 + i] = 2
+    return one_hot(labels, k)
+
+
+def images_of(mask: torch.Tensor) -> torch.Tensor:
+    """A 1-channel image that shows the mask: class c has intensity c / K plus a little texture."""
+    k = mask.shape[1]
+    lab = mask.argmax(1).float() if k > 1 else mask[:, 0]
+    g = torch.Generator().manual_seed(0)
+    return (lab / max(k - 1, 1) + 0.05 * torch.randn(lab.shape, generator=g))[:, None]
+
+
+# ------------------------------------------------------------------------------------------------------
+# per-method entries: an oracle for sampling, the known loss of a fresh network
+# ------------------------------------------------------------------------------------------------------
+
+
+def _gaussian_oracle(method: Method, truth: torch.Tensor) -> None:
+    """x0-prediction: the network returns the true mask in the diffused range, whatever x_t."""
+    x0 = method.scheduler.mask_to_x0(truth)
+    method.denoiser.forward = lambda x_t, t, cond: x0.repeat_interleave(x_t.shape[0] // x0.shape[0], 0)
+
+
+def _bernoulli_oracle(method: Method, truth: torch.Tensor) -> None:
+    """Flip logits +-40 of the true XOR noise |y_t - y0|."""
+    def fwd(y_t, t, cond):
+        y0 = truth.repeat_interleave(y_t.shape[0] // truth.shape[0], 0)  # members are image-major
+        return 40.0 * (2.0 * (y_t - y0).abs() - 1.0)
+
+    method.network.forward = fwd
+
+
+def _segmentor_oracle(method: Method, truth: torch.Tensor) -> None:
+    seg = method.segmentor_module()
+    seg.forward = lambda image: SegmentorOutput(logits=40.0 * (2.0 * truth - 1.0), features=[])
+
+
+def _gaussian_known(method: Method, image: torch.Tensor, mask: torch.Tensor) -> None:
+    """A fresh denoiser predicts exactly 0 (zero-initialised head): with the x0 target in [-1, 1] the MSE is 1."""
+    raw, cond, t = method.diffusion_terms(image, mask, torch.Generator().manual_seed(0))
+    assert raw["diffusion"].item() == pytest.approx(1.0, abs=1e-6)
+    out = method.loss(image, mask, 0, torch.Generator().manual_seed(0))
+    assert set(out.terms) >= {"diffusion"}
+
+
+def _bernoulli_known(method: Method, image: torch.Tensor, mask: torch.Tensor) -> None:
+    """A fresh refiner outputs flip logit 0 (zero head): the BCE of probability 1/2 is ln 2 per pixel, so the focal
+    term is 0.5^gamma ln 2, whatever the noise target."""
+    method.prior_residual = False
+    gamma = method.scheduler.focal_gamma
+    _, cond, _ = method.prior_and_condition(image)
+    terms = method.bbdm_terms(mask, cond, torch.Generator().manual_seed(0))
+    assert terms["focal"].item() == pytest.approx(0.5 ** gamma * math.log(2.0), rel=1e-5)
+    assert torch.isfinite(terms["kl"]) and terms["kl"].item() >= 0
+
+
+def _segmentor_known(method: Method, image: torch.Tensor, mask: torch.Tensor) -> None:
+    """Logits 0: BCE ln 2 (K = 1) or CE ln K, soft Dice of probability 1/2 (or 1/K) computed by hand."""
+    seg = method.segmentor_module()
+    k = mask.shape[1]
+    seg.forward = lambda img: SegmentorOutput(logits=torch.zeros(img.shape[0], k, SIZE, SIZE), features=[])
+    out = method.loss(image, mask)
+    p = 0.5 if k == 1 else 1.0 / k
+    dims = (2, 3)
+    dice = (1 - (2 * p * mask.sum(dims) + 1e-5) / (p * SIZE * SIZE + mask.sum(dims) + 1e-5)).mean()
+    assert out.terms["ce"].item() == pytest.approx(math.log(2.0) if k == 1 else math.log(k), rel=1e-5)
+    assert out.terms["dice"].item() == pytest.approx(dice.item(), rel=1e-5)
+
+
+@dataclass(frozen=True)
+class Entry:
+    oracle: Callable[[Method, torch.Tensor], None]
+    known: Callable[[Method, torch.Tensor, torch.Tensor], None]
+    lr: float = 3e-3
+    steps: int = 60
+
+
+ENTRIES: dict[str, Entry] = {
+    "segmentor": Entry(_segmentor_oracle, _segmentor_known),
+    "conditional_unet": Entry(_gaussian_oracle, _gaussian_known),
+    "medsegdiff": Entry(_gaussian_oracle, _gaussian_known),
+    "medsegdiff_v2": Entry(_gaussian_oracle, _gaussian_known),
+    "pd_ddpm": Entry(_gaussian_oracle, _gaussian_known),
+    "berdiff": Entry(_bernoulli_oracle, _bernoulli_known, lr=1e-2, steps=100),
+    "hidiff": Entry(_bernoulli_oracle, _bernoulli_known, lr=1e-2),
+}
+
+
+def test_every_registered_method_has_an_entry_and_a_tiny_config():
+    assert set(METHODS.names()) == set(ENTRIES) == set(RECIPES)
+
+
+def make(recipe: str, k: int = 1, **train) -> Method:
+    torch.manual_seed(0)
+    cfg = config_from_dict(tiny_config(recipe, Path("/tmp"), num_classes=k, **train))
+    method = build(cfg)
+    assert isinstance(method, Method) and method.name in (recipe, "medsegdiff")
+    return method
+
+
+# ------------------------------------------------------------------------------------------------------
+# the shared tests
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("recipe", sorted(ENTRIES))
+def test_phases_reach_every_trainable_parameter(recipe, k):
+    method = make(recipe, k)
+    mask = truth_masks(k, 2)
+    image = images_of(mask)
+    groups = method.parameter_groups()
+    grouped = [p for ps in groups.values() for p in ps]
+    assert len(grouped) == len({id(p) for p in grouped}) == len([p for p in method.parameters() if p.requires_grad])
+    step = getattr(method, "pretrain_steps", 0)  # an iteration past any segmentor-only pre-training
+    method.zero_grad(set_to_none=True)
+    for phase in method.phases(step):
+        assert phase.group in groups
+        out = phase.loss(image, mask, step, torch.Generator().manual_seed(1))
+        assert out.total.ndim == 0 and torch.isfinite(out.total)
+        out.total.backward()
+    missing = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{recipe}: no gradient reaches {missing[:5]}"
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("recipe", sorted(ENTRIES))
+def test_known_loss_of_a_fresh_network(recipe, k):
+    method = make(recipe, k)
+    mask = truth_masks(k, 2)
+    ENTRIES[recipe].known(method, images_of(mask), mask)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("recipe", sorted(ENTRIES))
+def test_oracle_network_samples_the_truth(recipe, k):
+    method = make(recipe, k).eval()
+    mask = truth_masks(k, 2)
+    ENTRIES[recipe].oracle(method, mask)
+    kw = {"start_step": 0} if method.own_prior else {}
+    with torch.no_grad():
+        out = method.sample(images_of(mask), generator=torch.Generator().manual_seed(2), members=2, **kw)
+    assert out.probs.shape == (4, k, SIZE, SIZE) and out.nfe >= 1
+    assert torch.equal(hard_labels(out.probs), hard_labels(mask.repeat_interleave(2, 0)))
+
+
+@pytest.mark.parametrize("recipe", sorted(ENTRIES))
+def test_it_learns_one_tiny_batch(recipe):
+    """A few dozen optimizer steps on one batch: the training loss goes down and the default sampler's Dice on
+    that batch exceeds 0.9."""
+    entry = ENTRIES[recipe]
+    method = make(recipe, 1)
+    mask = truth_masks(1, 4)
+    image = images_of(mask)
+    opts = {g: torch.optim.Adam(ps, lr=entry.lr) for g, ps in method.parameter_groups().items()}
+    gen = torch.Generator().manual_seed(3)
+    losses = []
+    method.train()
+    for step in range(entry.steps):
+        total = 0.0
+        for phase in method.phases(step):
+            opts[phase.group].zero_grad(set_to_none=True)
+            out = phase.loss(image, mask, step, gen)
+            out.total.backward()
+            opts[phase.group].step()
+            total += float(out.total.detach())
+        losses.append(total)
+    method.eval()
+    with torch.no_grad():
+        probs = method.sample(image, generator=torch.Generator().manual_seed(4)).probs
+    dice = dice_batch(one_hot(hard_labels(probs), 1), mask).mean().item()
+    early, late = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert late < early, f"{recipe}: loss {early:.3f} -> {late:.3f}"
+    assert dice > 0.9, f"{recipe}: Dice {dice:.3f} on its training batch after {entry.steps} steps"
+
+
+def test_anchor_loss_values():
+    """MedSegDiff-V2's anchor term: Dice + beta CE on the samples with t % alpha == 0, exactly 0 otherwise."""
+    mask = truth_masks(1, 2)
+    t_sel, t_off = torch.tensor([0, 5]), torch.tensor([1, 2])
+    good, bad = 40 * (2 * mask - 1), -40 * (2 * mask - 1)
+    assert anchor_loss(good, mask, t_sel, 5, 10.0) < 1e-4
+    assert anchor_loss(bad, mask, t_sel, 5, 10.0) > 10
+    assert anchor_loss(bad, mask, t_off, 5, 10.0).item() == 0.0
+    terms = segmentation_loss_terms(bad[:1], mask[:1])
+    assert anchor_loss(bad, mask, torch.tensor([0, 1]), 5, 10.0).item() == pytest.approx(
+        (terms["dice"] + 10.0 * terms["ce"]).item(), rel=1e-5)
+    k3 = truth_masks(3, 2)
+    assert anchor_loss(40 * (2 * k3 - 1), k3, t_sel, 5, 10.0) < 1e-4
+    assert probabilities(torch.zeros(1, 1, 2, 2)).unique().item() == 0.5
