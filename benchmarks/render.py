@@ -3,6 +3,7 @@
     python benchmarks/render.py                 # every table whose JSON exists, to stdout
     python benchmarks/render.py --out FILE.md   # also written to a file
     python benchmarks/render.py --readme README.md   # refill its <!-- render:FILE.json --> blocks
+                                                     # (and <!-- render:targets --> from the quality files)
 
 Nothing is measured here: the figures are the JSON's, rounded.
 """
@@ -15,12 +16,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ORDER = ["segmentor", "medsegdiff", "medsegdiff_v2", "pd_ddpm", "pd_ddpm_segmentor", "hidiff", "hidiff_segmentor",
-         "peer"]
+ORDER = ["segmentor", "medsegdiff", "medsegdiff_v2", "medsegdiff_v2_segmentor", "pd_ddpm", "pd_ddpm_segmentor",
+         "berdiff", "hidiff", "hidiff_segmentor"]
 LABEL = {"segmentor": "UNet segmentor (baseline)", "medsegdiff": "MedSegDiff", "medsegdiff_v2": "MedSegDiff-V2",
-         "pd_ddpm": "PD-DDPM", "pd_ddpm_segmentor": "PD-DDPM's pre-segmentation net alone",
-         "hidiff": "HiDiff (refined)", "hidiff_segmentor": "HiDiff's co-trained segmentor alone",
-         "peer": "peer: med-seg-diff-pytorch 0.3.3"}
+         "medsegdiff_v2_segmentor": "MedSegDiff-V2's condition segmentor alone", "pd_ddpm": "PD-DDPM",
+         "pd_ddpm_segmentor": "PD-DDPM's pre-segmentation net alone", "hidiff": "HiDiff (refined)",
+         "hidiff_segmentor": "HiDiff's segmentor alone", "berdiff": "BerDiff"}
+DIFFUSION = ("medsegdiff", "medsegdiff_v2", "pd_ddpm", "berdiff", "hidiff")
 
 
 def _load(name: str) -> Optional[dict[str, Any]]:
@@ -29,42 +31,104 @@ def _load(name: str) -> Optional[dict[str, Any]]:
 
 
 def _sampler(r: dict[str, Any]) -> str:
-    ps = r.get("predict_settings") or {}
-    if ps.get("segmentor_only") or ps.get("prior_only"):  # prior_only: the name in older result files
+    ps = r.get("predict") or {}
+    if ps.get("segmentor_only") or ps.get("sampler") == "direct":
         return "one pass"
-    s = ps.get("sampler") or r.get("sampler") or ""
-    if s == "direct":
-        return "one pass"
-    steps = ps.get("steps") or r.get("sample_steps")
-    out = f"{s} {steps}" if steps else s
-    if ps.get("start_step") or r.get("start_step"):
-        out += f" below T'={ps.get('start_step') or r.get('start_step')}"
-    ens = ps.get("ensemble") or r.get("ensemble")
-    if ens and ens > 1:
-        out += f", ensemble {ens}"
+    out = f"{ps.get('sampler')} {ps.get('steps')}"
+    if ps.get("start_step"):
+        out += f" below T'={ps['start_step']}"
+    if (ps.get("ensemble") or 1) > 1:
+        out += f", ensemble {ps['ensemble']}"
     return out
 
 
-def quality_table(data: dict[str, Any]) -> str:
-    st = data["settings"]
-    res = data["results"]
-    lines = [f"Command: `{data['command']}` ({st['minutes']:g} min of training per method, "
-             f"{st.get('threads', 1)} torch thread(s); {next(iter(res.values()))['n_cases']} {data['eval_split']} "
-             f"cases; mean +- std over cases)", "",
-             "| method | params | train steps | sampler | Dice | IoU | HD95 (px) | batched calls / image | s / image |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    best = max((r["dice_mean"] for m, r in res.items() if m != "peer"), default=None)
+def _f(v: Any, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _budget(r: dict[str, Any]) -> str:
+    phases = [f"{x['minutes']:g} ({x['steps']})" for x in r.get("runs", [])]
+    return " + ".join(phases)
+
+
+def quality_table(data: dict[str, Any], variant: str = "default") -> str:
+    """The evaluation rows of one dataset (``quality.py``): every method at its default recipe."""
+    rows = {r["method"]: r for r in data["rows"].values() if r["variant"] == variant}
+    if not rows:
+        return "(no rows)"
+    any_row = next(iter(rows.values()))
+    env = data.get("environment") or {}
+    cmds = sorted({c for k, c in (data.get("commands") or {}).items() if k.endswith(f"@{variant}")})
+    lines = [f"{data['n_cases']} {data['eval_split']} cases, {any_row['budget_minutes']:g} min of training per method "
+             f"(everything counted), {_machine(env)}; mean +- std over cases. Commands: "
+             + "; ".join(f"`{c}`" for c in cmds), "",
+             "| method | params | minutes (steps) per phase | sampler | Dice | IoU | HD95 (px) | ECE | "
+             "uncertainty AUROC | batched calls / image | s / image |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    best = max(r["dice_mean"] for r in rows.values())
     for m in ORDER:
-        if m not in res:
+        if m not in rows:
             continue
-        r = res[m]
+        r = rows[m]
         dice = f"{r['dice_mean']:.3f} +- {r['dice_std']:.3f}"
-        if best is not None and r["dice_mean"] == best:
+        if r["dice_mean"] == best:
             dice = f"**{dice}**"
-        nfe = r.get("nfe_per_image")
-        params = "(in the row above)" if m.endswith("_segmentor") else f"{r.get('params', 0) / 1e6:.1f} M"
-        lines.append(f"| {LABEL[m]} | {params} | {r.get('steps', '')} | {_sampler(r)} | {dice} "
-                     f"| {r['iou_mean']:.3f} | {r['hd95_mean']:.1f} | {nfe:g} | {r['seconds_per_image']:.2f} |")
+        params = "(in the row above)" if m.endswith("_segmentor") else f"{r['params'] / 1e6:.1f} M"
+        lines.append(f"| {LABEL[m]} | {params} | {_budget(r)} | {_sampler(r)} | {dice} | {r['iou_mean']:.3f} | "
+                     f"{r['hd95_mean']:.1f} | {_f(r.get('ece'), '.3f')} | {_f(r.get('error_auroc'), '.3f')} | "
+                     f"{r['nfe_per_image']:g} | {r['seconds_per_image']:.2f} |")
+    return "\n".join(lines)
+
+
+def variants_table(data: dict[str, Any]) -> str:
+    """The tuning rows of one dataset (``quality.py --split tune --variant``): each lever against its default."""
+    lines = [f"Tuning split: {data['n_cases']} held-out training cases ({data['eval_split']}), "
+             f"{_machine(data.get('environment') or {})}.", "",
+             "| method | variant | overrides | minutes (steps) per phase | Dice | ECE | uncertainty AUROC | "
+             "difference to default |", "|---|---|---|---|---:|---:|---:|---:|"]
+    rows = sorted(data["rows"].values(), key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else 99,
+                                                       r["variant"] != "default", r["variant"]))
+    for r in rows:
+        base = data["rows"].get(f"{r['method']}@default")
+        diff = "" if base is None or r["variant"] == "default" else f"{r['dice_mean'] - base['dice_mean']:+.3f}"
+        lines.append(f"| {LABEL.get(r['method'], r['method'])} | {r['variant']} | "
+                     f"{' '.join(f'`{x}`' for x in r.get('sets', [])) or '-'} | {_budget(r)} | {r['dice_mean']:.3f} | "
+                     f"{_f(r.get('ece'), '.3f')} | {_f(r.get('error_auroc'), '.3f')} | {diff} |")
+    return "\n".join(lines)
+
+
+def targets_table(docs: dict[str, dict[str, Any]]) -> str:
+    """The issue's targets, dataset by dataset, from the evaluation rows (default recipes)."""
+    lines = ["| target | " + " | ".join(docs) + " |", "|---|" + "---:|" * len(docs)]
+
+    def row(name: str, fn) -> None:
+        cells = []
+        for d in docs.values():
+            r = {x["method"]: x for x in d["rows"].values() if x["variant"] == "default"}
+            try:
+                cells.append(fn(r))
+            except KeyError:
+                cells.append("n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    def diff(a: str, b: str, need: float) -> Any:
+        return lambda r: (f"{r[a]['dice_mean'] - r[b]['dice_mean']:+.3f} "
+                          f"{'met' if r[a]['dice_mean'] - r[b]['dice_mean'] >= need - 1e-9 else 'missed'}")
+
+    def best_diffusion(r: dict[str, Any]) -> dict[str, Any]:
+        return max((r[m] for m in DIFFUSION if m in r), key=lambda x: x["dice_mean"])
+
+    row("1. HiDiff - its segmentor (>= +0.010)", diff("hidiff", "hidiff_segmentor", 0.01))
+    row("2. PD-DDPM - its pre-segmentation (>= 0, > 0 on two)", diff("pd_ddpm", "pd_ddpm_segmentor", 0.0))
+    row("3. best diffusion - UNet (>= 0; Kvasir, DRIVE)",
+        lambda r: (f"{best_diffusion(r)['method']} {best_diffusion(r)['dice_mean'] - r['segmentor']['dice_mean']:+.3f}"))
+    row("4. MedSegDiff - UNet (>= -0.030)", diff("medsegdiff", "segmentor", -0.03))
+    row("4. MedSegDiff-V2 - UNet (>= -0.030)", diff("medsegdiff_v2", "segmentor", -0.03))
+    row("5. ECE: best-calibrated diffusion ensemble / UNet", lambda r: (
+        f"{min((r[m] for m in DIFFUSION if m in r), key=lambda x: x['ece'])['method']} "
+        f"{min(r[m]['ece'] for m in DIFFUSION if m in r):.3f} / {r['segmentor']['ece']:.3f}"))
+    row("5. uncertainty AUROC of the errors, best diffusion (>= 0.8)", lambda r: (
+        f"{max(r[m]['error_auroc'] for m in DIFFUSION if m in r):.3f}"))
     return "\n".join(lines)
 
 
@@ -83,15 +147,6 @@ def nfe_table(data: dict[str, Any]) -> str:
         lines += ["", f"Best within 10 network evaluations per image: {h['series']} ({h['name']}): Dice "
                       f"{h['dice']:.3f} at {h['network_evals_per_image']:g} evaluations, {h['seconds_per_image']:.3f} "
                       f"s per image."]
-    return "\n".join(lines)
-
-
-def ablation_table(data: dict[str, Any]) -> str:
-    lines = [f"Command: `{data['command']}`", "",
-             "| component | Dice with | Dice without | difference | the papers |", "|---|---:|---:|---:|---|"]
-    for c in data["comparisons"]:
-        lines.append(f"| {c['component']} | {c['dice_with']:.3f} | {c['dice_without']:.3f} | {c['delta']:+.3f} | "
-                     f"{c['paper']} |")
     return "\n".join(lines)
 
 
@@ -126,6 +181,77 @@ def nfe_plot(json_path: Path) -> Path:
     return out
 
 
+def _machine(env: dict[str, Any]) -> str:
+    m = env.get("machine") or {}
+    cpu = m.get("cpu") or {}
+    return (f"{cpu.get('model', env.get('cpu', '?'))} ({cpu.get('isa', '?')}), {m.get('torch_threads', '?')} torch "
+            f"thread(s), torch {env.get('torch', '?')}")
+
+
+def speed_table(data: dict[str, Any]) -> str:
+    """diffmis MedSegDiff against the peer (``speed.py``): step times, peak RSS, speed-ups per size and mode."""
+    st = data["settings"]
+    lay = data["diffmis"]["layouts"]
+    auto = st.get("diffmis_auto") or {}
+    lines = [f"Command: `python benchmarks/speed.py` ({_machine(data['environment'])}; medians of "
+             f"{st['repeats']} alternating repeats; speed-up = peer time / diffmis time, repeat by repeat). "
+             f"Parameters at 128x128: peer {data['peer']['n_params_128'] / 1e6:.1f} M, diffmis "
+             + ", ".join(f"{k} {v['n_params'] / 1e6:.1f} M" for k, v in lay.items())
+             + f"; `diffmis_auto` ran in {auto.get('precision', '?')} ({auto.get('reason', '')}).", "",
+             "| size, step | batch | peer fp32 | diffmis fp32 (peer_widths) | diffmis auto | "
+             "diffmis fp32 (four_levels) | speed-up fp32 / auto / four_levels |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in data["results"]:
+        v = r["variants"]
+
+        def cell(name: str) -> str:
+            mem = (v[name].get("memory") or {}).get("peak_rss_mib")
+            return f"{v[name]['step_s']['median']:.3f} s" + (f", {mem:.0f} MiB" if mem else "")
+
+        sp = r["speedup"]
+        lines.append(f"| {r['size']}x{r['size']} {'training step' if r['mode'] == 'train' else 'denoising step'} "
+                     f"| {r['batch']} | {cell('peer_fp32')} | {cell('diffmis_fp32')} | {cell('diffmis_auto')} | "
+                     f"{cell('diffmis_fp32_four_levels')} | "
+                     f"{sp['diffmis_fp32_vs_peer_fp32']['median']:.2f}x / {sp['diffmis_auto_vs_peer_fp32']['median']:.2f}x"
+                     f" / {sp['diffmis_fp32_four_levels_vs_peer_fp32']['median']:.2f}x |")
+    return "\n".join(lines)
+
+
+def precision_table(data: dict[str, Any]) -> str:
+    """``precision.py``: auto against explicit precision and layout on this CPU."""
+    st = data["settings"]
+    lines = [f"Command: `{data['command']}` ({st['config']} at {st['size']}x{st['size']}, batch 8; "
+             f"{_machine(data['environment'])}; medians of {st['rounds']} rounds)", "",
+             "| variant | resolved | training s / step | prediction s / image |", "|---|---|---:|---:|"]
+    for name, r in data["results"].items():
+        lines.append(f"| {name} | {r['precision']}{' + channels_last' if r['channels_last'] else ''} | "
+                     f"{r['train_step_s']:.3f} | {r['predict_s_per_image']:.3f} |")
+    c = data.get("check") or {}
+    if "train_step_s" in c:
+        lines += ["", f"auto / best explicit: training {c['train_step_s']['auto_over_best']:.2f}, prediction "
+                      f"{c['predict_s_per_image']['auto_over_best']:.2f} (target <= 1.15)."]
+    if "emulated_bf16_cost" in c:
+        e = c["emulated_bf16_cost"]
+        lines.append(f"bf16 where it is emulated (oneDNN and ATen capped to AVX2): {e['train']}x slower training, "
+                     f"{e['predict']}x slower prediction than fp32.")
+    return "\n".join(lines)
+
+
+def threads_table(data: dict[str, Any]) -> str:
+    """``threads.py``: step times under contention per thread setting."""
+    comps = data["settings"]["competitors"]
+    lines = [f"Command: `{data['command']}` ({data['settings']['config']} at {data['settings']['size']}x"
+             f"{data['settings']['size']}; {_machine(data['environment'])}). Competitors: "
+             + "; ".join(f"`{k}` = {v or 'nothing'}" for k, v in comps.items()), "",
+             "| threads | " + " | ".join(f"training s / step, {k}" for k in comps) + " |",
+             "|---|" + "---:|" * len(comps)]
+    for key, by in data["results"].items():
+        cells = [f"{by[k]['train_step_s']:.2f}" + (f" ({by[k]['train_slowdown']}x)" if "train_slowdown" in by[k]
+                                                  else "") for k in comps if k in by]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def fill_readme(readme: Path) -> None:
     """Replace each ``<!-- render:NAME -->`` ... ``<!-- /render -->`` block of README.md with NAME's table."""
     import re
@@ -134,11 +260,17 @@ def fill_readme(readme: Path) -> None:
 
     def table(m: "re.Match[str]") -> str:
         name = m.group(1)
+        if name == "targets":
+            docs = {d: x for d in ("kvasir", "drive", "mni") if (x := _load(f"quality_{d}.json")) is not None}
+            return f"<!-- render:targets -->\n{targets_table(docs)}\n<!-- /render -->" if docs else m.group(0)
         data = _load(name)
         if data is None:
             return m.group(0)
-        kind = name.split("_")[0]
-        body = {"quality": quality_table, "nfe": nfe_table, "ablation": ablation_table}[kind](data)
+        kind = name.split("_")[0].removesuffix(".json")
+        if name.endswith("_tune.json"):
+            kind = "variants"
+        body = {"quality": quality_table, "variants": variants_table, "nfe": nfe_table, "speed": speed_table,
+                "precision": precision_table, "threads": threads_table}[kind](data)
         return f"<!-- render:{name} -->\n{body}\n<!-- /render -->"
 
     new = re.sub(r"<!-- render:(\S+) -->.*?<!-- /render -->", table, text, flags=re.S)
@@ -159,11 +291,10 @@ def main() -> None:
         return
     parts = []
     for f in sorted(RESULTS.glob("quality_*.json")):
-        parts += [f"### {f.name}", "", quality_table(json.loads(f.read_text())), ""]
+        table = variants_table if f.name.endswith("_tune.json") else quality_table
+        parts += [f"### {f.name}", "", table(json.loads(f.read_text())), ""]
     for f in sorted(RESULTS.glob("nfe_*.json")):
         parts += [f"### {f.name}", "", nfe_table(json.loads(f.read_text())), ""]
-    for f in sorted(RESULTS.glob("ablation_*.json")):
-        parts += [f"### {f.name}", "", ablation_table(json.loads(f.read_text())), ""]
     text = "\n".join(parts)
     print(text)
     if args.out:

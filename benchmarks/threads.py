@@ -38,6 +38,10 @@ COMPETITORS = {
 }
 
 
+DESCRIPTIONS = {"none": None, "spin": "a pure-Python busy loop at nice -n 19",
+                "torch": "a one-thread torch 512x512 matmul loop at normal priority"}
+
+
 def run_setting(threads: Optional[int], wait: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="diffmis-threads-") as tmp:
         out = Path(tmp) / "r.json"
@@ -112,8 +116,7 @@ def main() -> None:
         "benchmark": "threads", "command": "python benchmarks/threads.py " + " ".join(sys.argv[1:]),
         "settings": {"config": args.config, "size": args.size, "steps": args.steps, "warmup": args.warmup,
                      "images": args.images, "rounds": args.rounds, "usable_cores": cores,
-                     "competitors": {k: " ".join(v) if v else None for k, v in COMPETITORS.items()
-                                     if k in args.competitors}},
+                     "competitors": {k: v for k, v in DESCRIPTIONS.items() if k in args.competitors}},
         "results": summary, "environment": environment(), "load": monitor.summary()})
 
 

@@ -106,3 +106,43 @@ def test_shipped_configs_load_by_name(tmp_path, monkeypatch):
         load_config("nope")
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing" / "hidiff_kvasir.yaml")  # a path is a path, never a name
+
+
+def test_bases_compose_in_order_and_rename_replaces_params(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "a.yaml").write_text(
+        "train:\n  lr: 0.1\n  max_steps: 5\nmodel:\n  name: unet\n  params: {features: [1, 2, 3, 4, 5, 6]}\n")
+    (tmp_path / "parts" / "b.yaml").write_text("base: a\ntrain:\n  lr: 0.2\nmodel:\n  params: {dropout: 0.1}\n")
+    (tmp_path / "run.yaml").write_text("base: [parts/b]\ntrain:\n  batch_size: 3\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.batch_size) == (0.2, 5, 3)  # later files win, per key
+    assert cfg.model.params == {"features": [1, 2, 3, 4, 5, 6], "dropout": 0.1}  # same name: params merge
+    (tmp_path / "other.yaml").write_text("base: parts/b\nmodel:\n  name: segresnet\n  params: {init_filters: 8}\n")
+    assert load_config(tmp_path / "other.yaml").model.params == {"init_filters": 8}  # renamed: params replaced
+
+
+def test_base_errors_name_the_file(tmp_path):
+    (tmp_path / "x.yaml").write_text("base: y\n")
+    (tmp_path / "y.yaml").write_text("base: x\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "x.yaml")
+    (tmp_path / "z.yaml").write_text("base: missing\n")
+    with pytest.raises(ConfigError, match=r"z\.yaml: its base 'missing' does not exist"):
+        load_config(tmp_path / "z.yaml")
+    (tmp_path / "w.yaml").write_text("base: {a: 1}\n")
+    with pytest.raises(ConfigError, match="'base' must name a file"):
+        load_config(tmp_path / "w.yaml")
+
+
+def test_empty_and_duplicate_key_files_are_errors(tmp_path):
+    empty = write(tmp_path, "# nothing but a comment\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(empty)
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  lr: 0.1\ndata:\n  image_size: 32\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml.*key 'train' is written twice \(first on line 1\)"):
+        load_config(dup)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' is written twice \(first on line 2\)"):
+        load_config(nested)

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from diffmis.config import load_config
-from diffmis.methods import GaussianMaskDiffusion, HiDiff, SegmentorMethod, build
+from diffmis.methods import BerDiff, GaussianMaskDiffusion, HiDiff, SegmentorMethod, build
 from diffmis.hardware import resolve_precision
 from diffmis.sampling import propose_start_step
 from diffmis.utils import autocast
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-RECIPES = ("segmentor", "medsegdiff", "medsegdiff_v2", "pd_ddpm", "hidiff")
+RECIPES = ("segmentor", "medsegdiff", "medsegdiff_v2", "pd_ddpm", "hidiff", "berdiff")
 DATASETS = {"mni": (1, 3), "kvasir": (3, 1), "drive": (3, 1)}  # in_channels, num_classes
 ALL = [f"{r}_{d}" for r in RECIPES for d in DATASETS]
 SHARED = Path(os.environ.get("DIFFMIS_SHARED_DATA") or ROOT.parent / "shared" / "data")
@@ -41,6 +41,15 @@ def test_one_config_per_recipe_and_dataset():
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_recipes_compose_from_the_bases(name):
+    """A shipped recipe names its bases (the CPU budget, the dataset, the method) and overrides little."""
+    recipe, dataset = name.rsplit("_", 1)
+    text = (CONFIGS / f"{name}.yaml").read_text()
+    assert f"base: [base/cpu, base/{dataset}, base/{recipe}]" in text
+    assert len([ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]) <= 8
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_config_validates_and_builds(name):
     recipe, dataset = name.rsplit("_", 1)
     cfg = load_config(CONFIGS / f"{name}.yaml")
@@ -56,6 +65,10 @@ def test_config_validates_and_builds(name):
         assert isinstance(method, HiDiff)
         assert (cfg.diffusion.kind, cfg.diffusion.timesteps, cfg.diffusion.schedule) == ("bernoulli", 10, "cosine")
         assert cfg.train.lr_schedule == "poly" and method.default_sampler == "bernoulli_ddim"
+    elif recipe == "berdiff":  # the released BerDiff setting: T = 1000 cosine2, 10 Bernoulli-DDIM steps, KL + BCE
+        assert isinstance(method, BerDiff) and not isinstance(method, HiDiff)
+        assert (cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.focal_gamma) == (1000, "cosine2", 0.0)
+        assert method.default_sampler == "bernoulli_ddim" and method.default_steps == 10
     else:
         assert isinstance(method, GaussianMaskDiffusion) and method.default_sampler == "ddim"
         assert (cfg.diffusion.timesteps, cfg.diffusion.prediction) == (1000, "x0")  # CPU-budget default

@@ -223,3 +223,35 @@ def test_cli_missing_prediction_names_case(binary_set, capsys):
     err = capsys.readouterr().err
     assert "no prediction" in err and ": b" in err
     assert json.loads((binary_set / "pred" / "summary.json").read_text())["missing_predictions"] == ["b"]
+
+
+def test_uncertainty_scored_as_an_error_detector(binary_set, capsys):
+    """Pooled AUROC of the uncertainty for the wrong pixels: 1 when it marks exactly them, 0 when it marks
+    exactly the right ones, 0.5 when it is flat; the CLI prints it."""
+    err_a = (square() > 0) != (square(left=6) > 0)  # case a: the 2-column shifts; case b is exact
+    unc = binary_set / "unc"
+    unc.mkdir()
+    for name, maps in (("perfect", (err_a, np.zeros((32, 32), bool))), ("inverse", (~err_a, np.ones((32, 32), bool))),
+                       ("flat", (np.zeros((32, 32)), np.zeros((32, 32))))):
+        np.save(unc / "a.npy", maps[0].astype(np.float32))
+        np.save(unc / "b.npy", maps[1].astype(np.float32))
+        res = evaluate_folders(binary_set / "pred", binary_set / "ref", uncertainty_dir=unc)
+        det = res.to_summary()["error_detection"]
+        assert det["n_pixels"] == 2 * 32 * 32 and det["n_errors"] == int(err_a.sum()) == 40
+        assert det["auroc"] == pytest.approx({"perfect": 1.0, "inverse": 0.0, "flat": 0.5}[name])
+    np.save(unc / "a.npy", np.zeros((8, 8), np.float32))
+    with pytest.raises(DataError, match="uncertainty map .*a.npy has shape"):
+        evaluate_folders(binary_set / "pred", binary_set / "ref", uncertainty_dir=unc)
+    np.save(unc / "a.npy", err_a.astype(np.float32))
+    assert main(["evaluate", "--pred", str(binary_set / "pred"), "--ref", str(binary_set / "ref"),
+                 "--uncertainty", str(unc)]) == 0
+    assert "error detection by the uncertainty: AUROC 1.000" in capsys.readouterr().out
+
+
+def test_error_detection_auroc_hand_computed():
+    from diffmis.metrics import error_detection_auroc
+
+    # wrong pixels {0.35, 0.8} against right {0.1, 0.4}: 3 of the 4 pairs ordered right
+    assert error_detection_auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool)) == 0.75
+    assert error_detection_auroc(np.array([0.5, 0.5]), np.array([0, 1], bool)) == 0.5  # a tie counts half
+    assert np.isnan(error_detection_auroc(np.ones(3), np.zeros(3, bool)))

@@ -226,3 +226,69 @@ def test_anchor_loss_values():
     k3 = truth_masks(3, 2)
     assert anchor_loss(40 * (2 * k3 - 1), k3, t_sel, 5, 10.0) < 1e-4
     assert probabilities(torch.zeros(1, 1, 2, 2)).unique().item() == 0.5
+
+
+# ------------------------------------------------------------------------------------------------------
+# recipe levers (issue: diffusion that earns its cost)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _with(recipe: str, **diffusion) -> Method:
+    torch.manual_seed(0)
+    d = tiny_config(recipe, Path("/tmp"))
+    d["diffusion"] = {**d["diffusion"], **diffusion}
+    return build(config_from_dict(d))
+
+
+def test_x0_segmentation_loss_known_value():
+    """Dice + BCE on the predicted x0 read as probabilities: a fresh x0 network predicts 0, i.e. probability 1/2."""
+    method = _with("medsegdiff", x0_seg_weight=0.5)
+    mask = truth_masks(1, 2)
+    raw, _, _ = method.diffusion_terms(images_of(mask), mask, torch.Generator().manual_seed(0))
+    dice = (1 - (2 * 0.5 * mask.sum((2, 3)) + 1e-5) / (0.5 * SIZE * SIZE + mask.sum((2, 3)) + 1e-5)).mean()
+    assert raw["x0_seg"].item() == pytest.approx(dice.item() + math.log(2.0), rel=1e-4)
+    out = method.loss(images_of(mask), mask, 0, torch.Generator().manual_seed(0))
+    assert out.total.item() == pytest.approx(raw["diffusion"].item() + 0.5 * raw["x0_seg"].item(), rel=1e-4)
+    with pytest.raises(Exception, match="prediction: x0"):
+        _with("medsegdiff", x0_seg_weight=1.0, prediction="eps")
+
+
+def test_recycling_noises_a_prediction_not_the_truth():
+    """PD-DDPM with recycle = 1: every sample is noised from the pre-segmentation at t < T' (what sampling sees);
+    MedSegDiff: from its own prediction from pure noise (one extra network pass), t uniform."""
+    pd = _with("pd_ddpm", recycle=1.0)
+    mask = truth_masks(1, 4)
+    seen: list[torch.Tensor] = []
+    real = pd.denoiser.forward
+    pd.denoiser.forward = lambda x_t, t, cond: seen.append(t.clone()) or real(x_t, t, cond)
+    marker = torch.zeros_like(mask)
+    pd.start_prior = lambda image: marker[: image.shape[0]] + 0.9  # a prior of all foreground
+    sources: list[torch.Tensor] = []
+    real_noise = pd.scheduler.add_noise
+    pd.scheduler.add_noise = lambda x0, noise, t: sources.append(x0.clone()) or real_noise(x0, noise, t)
+    pd.diffusion_terms(images_of(mask), mask, torch.Generator().manual_seed(0))
+    assert bool((seen[-1] < pd.default_start_step).all())
+    assert torch.equal(sources[-1], torch.ones_like(mask))  # all-foreground prior in the pm1 range, not the truth
+    msd = _with("medsegdiff", recycle=1.0)
+    calls: list[int] = []
+    real2 = msd.denoiser.forward
+    msd.denoiser.forward = lambda x_t, t, cond: calls.append(int(t[0])) or real2(x_t, t, cond)
+    msd.diffusion_terms(images_of(mask), mask, torch.Generator().manual_seed(0))
+    assert len(calls) == 2 and calls[0] == msd.scheduler.timesteps - 1  # the prediction from pure noise first
+
+
+def test_prior_noise_perturbs_the_refiners_prior_only():
+    from diffmis.methods.hidiff import smooth_noise
+
+    z = smooth_noise((2, 1, 64, 64), torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert z.shape == (2, 1, 64, 64) and z.flatten(1).std(dim=1).allclose(torch.ones(2), atol=1e-4)
+    neighbours = torch.corrcoef(torch.stack([z[..., :-1].flatten(), z[..., 1:].flatten()]))[0, 1]
+    assert neighbours > 0.9  # smooth: regions move together, not salt and pepper
+    method = _with("hidiff", prior_noise=2.0)
+    image = images_of(truth_masks(1, 2))
+    clean, _, _ = method.prior_and_condition(image)
+    noisy, _, _ = method.prior_and_condition(image, noise=2.0, generator=torch.Generator().manual_seed(1))
+    assert (clean - noisy).abs().mean() > 0.05
+    with torch.no_grad():
+        out = method.sample(image, generator=torch.Generator().manual_seed(2))  # sampling uses the clean prior
+    assert out.probs.shape == (2, 1, SIZE, SIZE)

@@ -32,6 +32,8 @@ __all__ = [
     "config_from_dict",
     "dump_config",
     "apply_overrides",
+    "compose_config_file",
+    "read_yaml",
 ]
 
 
@@ -129,6 +131,15 @@ class DiffusionConfig(_Section):
     prior_residual: bool = True
     focal_lambda: float = Field(1.0, ge=0)
     focal_gamma: float = Field(2.0, ge=0)
+    # Gaussian methods: weight of Dice + BCE on the predicted x0 read as probabilities, added to the MSE
+    # (Diff-UNet's recipe; needs prediction x0); 0 = the papers' MSE alone
+    x0_seg_weight: float = Field(0.0, ge=0)
+    # Gaussian methods: fraction of each batch whose x_t is noised from a prediction instead of the truth
+    # (ImgX-DiffSeg's recycling: the model's own x0 from pure noise; PD-DDPM: its pre-segmentation, t < T')
+    recycle: float = Field(0.0, ge=0, le=1)
+    # HiDiff: std of spatially smooth noise added to the segmentor's logits in the refiner step, so the refiner
+    # learns from priors that make mistakes (0 = the co-trained segmentor's own prior, as released)
+    prior_noise: float = Field(0.0, ge=0)
 
 
 class TrainConfig(_Section):
@@ -272,7 +283,8 @@ BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def builtin_configs() -> list[str]:
-    """Names of the shipped configs (``<recipe>_<dataset>``), usable wherever a config path is."""
+    """Names of the shipped recipes (``<recipe>_<dataset>``), usable wherever a config path is (their building
+    blocks live in ``configs/base/``)."""
     return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
 
 
@@ -292,28 +304,90 @@ def resolve_config_path(path: Union[str, Path]) -> Path:
     raise ConfigError(f"config file not found: {p} (or name a shipped config: {', '.join(builtin_configs())})")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error (not the last one winning)."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' is written twice (first on line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """One YAML config file as a dict (its ``base`` key not yet resolved).
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, a duplicate key (with its line), an empty file, or a top level
+            that is not a mapping.
+    """
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        loaded = yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if loaded is None:
+        raise ConfigError(f"config file {path} is empty; name a shipped config ({', '.join(builtin_configs())}) "
+                          "or write its sections (experiment, data, model, diffusion, train, sample)")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"invalid config {path}: the top level must be a mapping")
+    return loaded
+
+
+def compose_config_file(path: Union[str, Path], _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file with its bases: ``base: NAME`` or ``base: [NAME, ...]`` (a path relative to the file, without
+    ``.yaml``, e.g. ``base/hidiff``) are read first, in order, and the file's own keys are merged on top.
+
+    Merging is per key; a component (``model``, ``model.segmentor``) whose ``name`` changes takes the new
+    ``params`` whole, otherwise ``params`` merge key by key.
+
+    Raises:
+        ConfigError: a missing base (named with the file that asks for it), a cycle of bases, or a bad file.
+    """
+    p = resolve_config_path(path)
+    if p.resolve() in _seen:
+        raise ConfigError(f"config bases form a cycle: {' -> '.join(str(x) for x in (*_seen, p.resolve()))}")
+    data = read_yaml(p)
+    bases = data.pop("base", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"invalid config {p}: 'base' must name a file or list files, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for name in bases:
+        cand = p.parent / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+        if not cand.is_file():
+            raise ConfigError(f"config {p}: its base '{name}' does not exist ({cand})")
+        merged = _deep_merge(merged, compose_config_file(cand, (*_seen, p.resolve())))
+    return _deep_merge(merged, data)
+
+
 def load_config(
     path: Union[str, Path, None] = None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None
 ) -> Config:
-    """Load a YAML config file (or start from ``base``/defaults), apply overrides, validate.
+    """Load a YAML config file (with its bases; or start from ``base``/defaults), apply overrides, validate.
 
     Raises:
-        ConfigError: the file is missing or is not valid YAML, a key is unknown, or a value has the wrong type.
+        ConfigError: the file is missing, empty or not valid YAML, a key is unknown or written twice, or a value
+            has the wrong type.
     """
     data: dict[str, Any] = copy.deepcopy(base) if base else {}
     source = "<defaults>"
     if path is not None:
         p = resolve_config_path(path)
         source = str(p)
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"invalid config {p}: the top level must be a mapping")
-        data = _deep_merge(data, loaded)
+        data = _deep_merge(data, compose_config_file(p))
     if overrides:
         data = apply_overrides(data, overrides)
         source += " (with --set overrides)"
@@ -321,9 +395,12 @@ def load_config(
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``b`` merged into a copy of ``a``, key by key; where ``b`` renames a component (``name`` differs), its
+    ``params`` replace ``a``'s instead of merging into them."""
     out = copy.deepcopy(a)
+    renamed = "name" in b and "name" in out and b["name"] != out["name"]
     for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params":
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not (k == "params" and renamed):
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)

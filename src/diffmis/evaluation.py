@@ -26,6 +26,7 @@ from diffmis.metrics import (
     LENIENT_THRESHOLDS,
     Calibration,
     calibration,
+    error_detection_auroc,
     image_diagonal,
     lenient_multithreshold,
     segmentation_metrics,
@@ -184,6 +185,9 @@ class EvaluationResult:
         extra: prediction files without a reference (not scored).
         calibration: pixels of all cases pooled, when probability maps were given.
         options: how the evaluation was run (folders, labels, spacing, FOV, lenient, bins).
+        error_detection: with uncertainty maps, ``{"auroc", "n_pixels", "n_errors"}``: how well the per-pixel
+            uncertainty ranks the wrong pixels (label != reference, inside the FOV) above the right ones, all
+            cases' pixels pooled.
     """
 
     cases: list[CaseResult]
@@ -193,6 +197,7 @@ class EvaluationResult:
     extra: list[Path]
     calibration: Optional[Calibration]
     options: dict[str, Any]
+    error_detection: Optional[dict[str, Any]] = None
 
     def _values(self, cls: str, metric: str) -> np.ndarray:
         return np.array([c.metrics[cls][metric] for c in self.cases if metric in c.metrics[cls]], dtype=np.float64)
@@ -247,6 +252,8 @@ class EvaluationResult:
                 "top_label": self.calibration.top_label.to_dict(),
                 "per_class": {k: per_class[int(k) - 1 + offset].to_dict() for k in self.classes},
             }
+        if self.error_detection is not None:
+            summary["error_detection"] = self.error_detection
         if self.options.get("lenient"):
             summary["lenient_protocol"] = LENIENT_NOTE.format(thresholds=list(LENIENT_THRESHOLDS))
         return _clean(summary)
@@ -389,7 +396,8 @@ def evaluate_folders(
             or ``(K, H, W)`` with one channel per label (3D: ``(..., D)``) in [0, 1]; adds ``ECE`` per class and pooled
             calibration, and is what the lenient protocol scores.
         images_dir: optional images by stem; only recorded per case (for the report).
-        uncertainty_dir: optional ``.npy`` uncertainty maps by stem; only recorded per case (for the report).
+        uncertainty_dir: optional ``.npy`` uncertainty maps by stem (same shape as the reference): recorded per
+            case (for the report) and scored as an error detector (pooled AUROC, ``error_detection``).
         spacing: pixel/voxel size per axis (one value = isotropic) overriding headers; default: NIfTI header
             spacing, 1 for 2D images.
         lenient: add ``Dice_lenient``/``IoU_lenient`` from :func:`diffmis.metrics.lenient_multithreshold`
@@ -428,6 +436,8 @@ def evaluate_folders(
 
     cases: list[CaseResult] = []
     pooled: Optional[Calibration] = None
+    unc_values: list[np.ndarray] = []  # per-pixel uncertainty and error of every case, for the pooled AUROC
+    err_values: list[np.ndarray] = []
     for case_id, ref_path in refs.items():
         ref, header_spacing = read_scored_labels(ref_path)
         _check_labels(ref, n_labels, ref_path)
@@ -472,6 +482,14 @@ def evaluate_folders(
             }
             if bool(scores.ref_empty[0, i]) != bool(scores.pred_empty[0, i]):
                 case.penalised.append(k)
+        if case_id in uncertainties:
+            unc = _read_npy(uncertainties[case_id], "uncertainty")
+            if unc.shape != ref.shape:
+                raise DataError(f"uncertainty map {uncertainties[case_id]} has shape {unc.shape}, the reference "
+                                f"{ref.shape}")
+            inside = np.ones(ref.shape, dtype=bool) if fov is None else fov.numpy().astype(bool).reshape(ref.shape)
+            unc_values.append(unc[inside].astype(np.float32))
+            err_values.append((pred != ref)[inside])
         if probs is not None:
             if case_id not in probs:
                 raise InputError(f"no probability map '{case_id}.npy' in {prob_dir}")
@@ -499,6 +517,11 @@ def evaluate_folders(
         calibration=pooled,
         options=options,
     )
+    if unc_values:
+        err = np.concatenate(err_values)
+        result.error_detection = {"auroc": error_detection_auroc(np.concatenate(unc_values), err),
+                                  "n_pixels": int(err.size), "n_errors": int(err.sum()),
+                                  "uncertainty_dir": Path(uncertainty_dir).resolve()}  # type: ignore[arg-type]
     if out_dir is not None:
         result.write_summary(Path(out_dir) / "summary.json")
         result.write_csv(Path(out_dir) / "per_case.csv")

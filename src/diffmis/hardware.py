@@ -50,7 +50,7 @@ Requested = Literal["auto", "fp32", "bf16", "fp16"]
 #: What emulated bf16 cost where it was measured (``benchmarks/precision.py``; results/precision.json): the
 #: hidiff_mni config at 96x96, batch 8, 2 threads, AMD EPYC (Zen 4) with oneDNN and ATen capped to AVX2.
 #: Quoted by the warning an explicit ``bf16`` gets on a CPU without native bf16.
-EMULATED_BF16_COST = "training 18.6x and prediction 49x slower than fp32 (hidiff_mni 96x96, AVX2-capped EPYC)"
+EMULATED_BF16_COST = "training 18x and prediction 48x slower than fp32 (hidiff_mni 96x96, AVX2-capped EPYC)"
 
 # oneDNN ISA names (ONEDNN_MAX_CPU_ISA) at or above which bf16 dot products run natively
 _ONEDNN_BF16_ISAS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",

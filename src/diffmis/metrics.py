@@ -45,6 +45,7 @@ __all__ = [
     "calibration",
     "LenientScores",
     "lenient_multithreshold",
+    "error_detection_auroc",
 ]
 
 Spacing = Optional[Union[float, Sequence[float]]]
@@ -413,6 +414,34 @@ def calibration(
         correct = ref.gather(0, label.unsqueeze(0))[0]
     top = reliability_bins(conf, correct, n_bins, inside)
     return Calibration(per_class, top)
+
+
+# ---------------------------------------------------------------- uncertainty as an error detector
+
+
+def error_detection_auroc(uncertainty: np.ndarray, error: np.ndarray) -> float:
+    """AUROC of a per-pixel uncertainty for predicting the per-pixel error (Mann-Whitney, ties counted half).
+
+    Args:
+        uncertainty: uncertainty values of the pixels (any shape, flattened).
+        error: same shape, bool: whether the prediction is wrong at that pixel.
+
+    Returns:
+        The probability that a wrong pixel has a higher uncertainty than a right one (0.5: no information);
+        NaN when every pixel is right or every pixel is wrong.
+    """
+    from scipy.stats import rankdata
+
+    u = np.asarray(uncertainty, dtype=np.float64).ravel()
+    e = np.asarray(error, dtype=bool).ravel()
+    if u.shape != e.shape:
+        raise InputError(f"error_detection_auroc: uncertainty {u.shape} and error {e.shape} differ in size")
+    n_err = int(e.sum())
+    n_ok = e.size - n_err
+    if n_err == 0 or n_ok == 0:
+        return math.nan
+    ranks = rankdata(u)  # average ranks for ties
+    return float((ranks[e].sum() - n_err * (n_err + 1) / 2.0) / (n_err * n_ok))
 
 
 # ---------------------------------------------------------------- lenient protocol (METHODS.md 2.6)

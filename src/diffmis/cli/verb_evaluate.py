@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pixel/voxel size per axis, or one value for all (default: NIfTI header, 1 for 2D images)",
     )
     parser.add_argument("--images", metavar="DIR", help="images by stem, recorded per case for the report")
-    parser.add_argument("--uncertainty", metavar="DIR", help="uncertainty maps (.npy) by stem, recorded for the report")
+    parser.add_argument("--uncertainty", metavar="DIR",
+                        help="uncertainty maps (.npy) by stem: scored as an error detector (AUROC), shown in the report")
     parser.add_argument(
         "--lenient", action="store_true",
         help="also report the MedSegDiff authors' lenient multi-threshold Dice/IoU (needs --prob; not comparable)",
@@ -64,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     if len(result.classes) > 1:
         fg = result.foreground_mean
         print(f"{'foreground':<12}" + "".join(f"{_fmt(fg[m]):>14}" for m in names))
+    if result.error_detection is not None:
+        det = result.error_detection
+        print(f"error detection by the uncertainty: AUROC {_fmt(det['auroc'])} ({det['n_errors']} wrong of "
+              f"{det['n_pixels']} pixels)")
     print(f"{len(result.cases)} cases; summary: {out}" + (f"; per case: {args.csv}" if args.csv else ""))
     for path in result.extra:
         print(f"diffmis evaluate: warning: prediction without a reference, not scored: {path}", file=sys.stderr)

@@ -52,6 +52,7 @@ __all__ = [
     "trainable",
     "build_model",
     "build_segmentor",
+    "segmentor_from_config",
 ]
 
 LossFn = Callable[[Tensor, Tensor, int, Optional[torch.Generator]], "LossOutput"]
@@ -266,6 +267,18 @@ def build_segmentor(name: str, params: dict[str, Any], in_channels: int, num_cla
         return SEGMENTORS.build(name, in_channels=in_channels, num_classes=num_classes, **params)
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"segmentor '{name}': {err}") from None
+
+
+def segmentor_from_config(cfg: Config, role: str) -> nn.Module:
+    """The segmentor ``model.segmentor`` names (a method's prior, pre-segmentation or condition network).
+
+    Raises:
+        ConfigError: the config has no ``model.segmentor`` (the message says which ``role`` it plays).
+    """
+    seg = cfg.model.segmentor
+    if seg is None:
+        raise ConfigError(f"recipe '{cfg.experiment.recipe}' needs model.segmentor ({role})")
+    return build_segmentor(seg.name, dict(seg.params), cfg.data.in_channels, cfg.data.num_classes)
 
 
 def build_model(name: str, params: dict[str, Any], **kwargs: Any) -> nn.Module:

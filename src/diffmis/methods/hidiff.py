@@ -13,7 +13,9 @@ alternate-collaboratively.
 The chain and its loss are BerDiff's (:mod:`diffmis.methods.berdiff`) with the segmentor's prior. With
 ``diffusion.prior_residual`` (default) the refiner's output is added to the prior's Bayes flip logits, so an
 untrained refiner returns the segmentor's answer and training learns the correction. ``train.pretrain_steps``
-runs the segmentor step alone first; ``train.prior_run`` starts S from a segmentor run.
+runs the segmentor step alone first; ``train.prior_run`` starts S from a segmentor run; ``diffusion.prior_noise``
+perturbs S's prior in the refiner step, so the refiner learns from mistakes like those S makes on unseen images
+(the co-trained S is near-perfect on its own training images).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffmis.config import Config
-from diffmis.errors import ConfigError
 from diffmis.losses import segmentation_loss_terms
 from diffmis.masks import probabilities
-from diffmis.methods.base import LossOutput, Phase, build_model, build_segmentor, compose, register, trainable
+from diffmis.methods.base import LossOutput, Phase, build_model, compose, register, segmentor_from_config, trainable
 from diffmis.methods.berdiff import BerDiff
 
 __all__ = ["HiDiff"]
@@ -49,34 +51,38 @@ class HiDiff(BerDiff):
     network_name = "refiner"
 
     def __init__(self, segmentor: nn.Module, denoiser: nn.Module, *, w_diff: float = 0.1, pretrain_steps: int = 0,
-                 prior_residual: bool = True, **kwargs: Any) -> None:
+                 prior_residual: bool = True, prior_noise: float = 0.0, **kwargs: Any) -> None:
         super().__init__(denoiser, prior_residual=prior_residual, **kwargs)
         self.segmentor = segmentor
         self.w_diff = w_diff
         self.pretrain_steps = pretrain_steps
+        self.prior_noise = prior_noise
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> "HiDiff":
-        seg_cfg = cfg.model.segmentor
-        if seg_cfg is None:
-            raise ConfigError("recipe 'hidiff' needs model.segmentor (the prior segmentor)")
-        seg = build_segmentor(seg_cfg.name, dict(seg_cfg.params), cfg.data.in_channels, cfg.data.num_classes)
+        seg = segmentor_from_config(cfg, "the prior segmentor")
         refiner = build_model(cfg.model.name, dict(cfg.model.params), in_channels=cfg.data.in_channels,
                               num_classes=cfg.data.num_classes, segmentor_channels=list(seg.feature_channels))
         return super().from_config(cfg, segmentor=seg, denoiser=refiner, w_diff=cfg.train.w_diff,
-                                   pretrain_steps=cfg.train.pretrain_steps, **kwargs)
+                                   pretrain_steps=cfg.train.pretrain_steps, prior_noise=cfg.diffusion.prior_noise,
+                                   **kwargs)
 
     def segmentor_module(self) -> nn.Module:
         return self.segmentor
 
     # ---- the prior and the condition ----------------------------------------------------------------------
 
-    def prior_and_condition(self, image: Tensor, detach: bool = True) -> tuple[Tensor, dict[str, Any], int]:
+    def prior_and_condition(self, image: Tensor, detach: bool = True, noise: float = 0.0,
+                            generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Any], int]:
         """S's prior ``p`` (B, K, H, W) and the refiner's condition ``{"image", "prior", "features"}``; ``detach``
-        cuts both from S's graph (the refiner step and sampling). One network evaluation."""
+        cuts both from S's graph (the refiner step and sampling); ``noise`` perturbs S's logits with spatially
+        smooth noise of that std before ``p`` is taken (:func:`smooth_noise`). One network evaluation."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
             out = self.segmentor(image)
-            prior = probabilities(out.logits.float())
+            logits = out.logits.float()
+            if noise > 0:
+                logits = logits + noise * smooth_noise(logits.shape, generator, logits.device)
+            prior = probabilities(logits)
             feats = list(out.features)
         if detach:
             prior, feats = prior.detach(), [f.detach() for f in feats]
@@ -94,8 +100,9 @@ class HiDiff(BerDiff):
 
     def refiner_loss(self, image: Tensor, mask: Tensor, step: int = 0,
                      generator: Optional[torch.Generator] = None) -> LossOutput:
-        """Step 1 (METHODS 5.5): L_BBDM with S's prior and features detached."""
-        _, cond, _ = self.prior_and_condition(image, detach=True)
+        """Step 1 (METHODS 5.5): L_BBDM with S's prior and features detached (the prior perturbed by
+        ``prior_noise``, so that the refiner sees the kind of mistakes S makes on unseen images)."""
+        _, cond, _ = self.prior_and_condition(image, detach=True, noise=self.prior_noise, generator=generator)
         return compose(self.bbdm_terms(mask, cond, generator), self.loss_weights,
                        {"kl": 1.0, "focal": self.focal_lambda})
 
@@ -121,3 +128,17 @@ class HiDiff(BerDiff):
         a = self.refiner_loss(image, mask, step, generator)
         b = self.segmentor_loss(image, mask, step, generator)
         return LossOutput(a.total + b.total, {**a.terms, **{f"seg_{k}": v for k, v in b.terms.items()}})
+
+
+def smooth_noise(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device,
+                 scale: int = 8) -> Tensor:
+    """Standard-normal noise that varies over about ``scale`` pixels: drawn at 1/``scale`` resolution, upsampled
+    bilinearly and renormalised to unit std. Added to logits it moves whole regions across the threshold, the way
+    a segmentor's mistakes on unseen images do (blobs, shifted borders), not salt-and-pepper."""
+    b, k, *spatial = shape
+    low = [max(1, s // scale) for s in spatial]
+    gen_dev = generator.device if generator is not None else device
+    z = torch.randn((b, k, *low), generator=generator, device=gen_dev).to(device)
+    z = F.interpolate(z, size=tuple(spatial), mode="bilinear" if len(spatial) == 2 else "trilinear",
+                      align_corners=False)
+    return z / z.flatten(1).std(dim=1).clamp_min(1e-6).view(b, *([1] * (z.ndim - 1)))

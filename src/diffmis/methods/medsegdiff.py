@@ -8,6 +8,7 @@ file composes them:
 
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   t ~ U{0..T-1}                     (METHODS 1.2)
     L = || target(x0, eps, t) - f_theta(x_t, t, I) ||^2                               (eps / x0 / v target)
+        [+ w (Dice + BCE)(x0_hat as probabilities, mask)]                               (Diff-UNet, x0 target)
     sample: DDIM (eta) or ancestral DDPM over a respaced chain of ``steps`` network calls, from pure noise, or
             from a noised prior mask at T' (the PD-DDPM start, :mod:`diffmis.methods.pd_ddpm`)
 
@@ -19,10 +20,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffmis.config import Config
 from diffmis.errors import ConfigError
+from diffmis.losses import soft_dice_loss
 from diffmis.masks import hard_one_hot
 from diffmis.methods.base import (LossOutput, Method, build_model, compose, rand_t, randn_like, register,
                                   repeat_members)
@@ -61,8 +64,11 @@ class GaussianMaskDiffusion(Method):
 
     def __init__(self, denoiser: nn.Module, scheduler: GaussianScheduler, num_classes: int,
                  loss_weights: Optional[dict[str, float]] = None, *, default_steps: int = 10,
-                 default_sampler: str = "ddim") -> None:
+                 default_sampler: str = "ddim", x0_seg_weight: float = 0.0, recycle: float = 0.0) -> None:
         super().__init__()
+        if (x0_seg_weight or recycle) and scheduler.prediction != "x0":
+            raise ConfigError("diffusion.x0_seg_weight and diffusion.recycle need diffusion.prediction: x0 "
+                              f"(got {scheduler.prediction!r})")
         self.denoiser = denoiser
         self.scheduler = scheduler
         self.num_classes = num_classes
@@ -70,6 +76,8 @@ class GaussianMaskDiffusion(Method):
         self.timesteps = scheduler.timesteps
         self.default_steps = default_steps
         self.default_sampler = default_sampler
+        self.x0_seg_weight = x0_seg_weight
+        self.recycle = recycle
 
     @classmethod
     def denoiser_kwargs(cls, cfg: Config) -> dict[str, Any]:
@@ -83,7 +91,8 @@ class GaussianMaskDiffusion(Method):
         denoiser = build_model(cfg.model.name, params, **cls.denoiser_kwargs(cfg))
         sampler = cfg.sample.sampler if cfg.sample.sampler in cls.samplers else cls.samplers[0]
         return cls(denoiser, gaussian_scheduler(cfg), cfg.data.num_classes, dict(cfg.train.loss_weights),
-                   default_steps=cfg.sample.steps, default_sampler=sampler, **method_params, **kwargs)
+                   default_steps=cfg.sample.steps, default_sampler=sampler, x0_seg_weight=cfg.diffusion.x0_seg_weight,
+                   recycle=cfg.diffusion.recycle, **method_params, **kwargs)
 
     def ema_module(self) -> nn.Module:
         return self.denoiser
@@ -92,20 +101,57 @@ class GaussianMaskDiffusion(Method):
 
     def diffusion_terms(self, image: Tensor, mask: Tensor, generator: Optional[torch.Generator]
                         ) -> tuple[dict[str, Tensor], dict[str, Any], Tensor]:
-        """The denoising term of one batch: ``({"diffusion": MSE}, cond, t)`` (cond and t for subclasses)."""
+        """The denoising terms of one batch: ``({"diffusion": MSE[, "x0_seg": Dice + BCE]}, cond, t)``.
+
+        ``x_t = sqrt(abar_t) x_src + sqrt(1 - abar_t) eps`` with ``x_src`` the truth, or, for the ``recycle``
+        fraction of the batch, a prediction (:meth:`recycle_source`); the target is always the truth's.
+        """
         x0 = self.scheduler.mask_to_x0(mask)
-        t = rand_t(image.shape[0], self.scheduler.timesteps, generator, image.device)
+        b = image.shape[0]
+        t = rand_t(b, self.scheduler.timesteps, generator, image.device)
+        src = x0
+        if self.recycle > 0:  # ImgX-DiffSeg's recycling / PD-DDPM's starts: noise a prediction, not the truth
+            sel = torch.rand(b, generator=generator, device=generator.device if generator else "cpu") < self.recycle
+            sel = sel.to(image.device)
+            if bool(sel.any()):
+                rec, t_rec = self.recycle_source(image[sel], generator)
+                src = x0.clone()
+                src[sel] = self.scheduler.mask_to_x0(rec)
+                if t_rec is not None:
+                    t = t.clone()
+                    t[sel] = t_rec
         noise = randn_like(x0, generator)
-        x_t = self.scheduler.add_noise(x0, noise, t)
+        x_t = self.scheduler.add_noise(src, noise, t)
         cond = self.denoiser.condition(image)
         pred = self.denoiser(x_t, t, cond).float()
         target = self.scheduler.training_target(x0, noise, t)
-        return {"diffusion": torch.mean((pred - target) ** 2)}, cond, t
+        raw = {"diffusion": torch.mean((pred - target) ** 2)}
+        if self.x0_seg_weight > 0:  # Diff-UNet: segmentation losses on the predicted x0 read as probabilities
+            x0_hat, _ = self.scheduler.pred_to_x0_eps(pred, x_t, t, clip=False)
+            prob = self.scheduler.x0_to_prob(x0_hat).clamp(1e-4, 1.0 - 1e-4)
+            raw["x0_seg"] = soft_dice_loss(prob, mask) + F.binary_cross_entropy(prob, mask)
+        return raw, cond, t
+
+    @torch.no_grad()
+    def recycle_source(self, image: Tensor, generator: Optional[torch.Generator]
+                       ) -> tuple[Tensor, Optional[Tensor]]:
+        """``(mask, t)`` of the recycled samples: the model's own prediction of x0 from pure noise at t = T - 1
+        (hard labels, one-hot), with timesteps left uniform (None)."""
+        shape = (image.shape[0], self.num_classes, *image.shape[2:])
+        x_t = randn_like(torch.empty(shape, device=image.device), generator)
+        t = torch.full((image.shape[0],), self.scheduler.timesteps - 1, dtype=torch.long, device=image.device)
+        pred = self.denoiser(x_t, t, self.denoiser.condition(image)).float()
+        x0_hat, _ = self.scheduler.pred_to_x0_eps(pred, x_t, t)
+        return hard_one_hot(self.scheduler.x0_to_prob(x0_hat)), None
 
     def loss(self, image: Tensor, mask: Tensor, step: int = 0,
              generator: Optional[torch.Generator] = None) -> LossOutput:
         raw, _, _ = self.diffusion_terms(image, mask, generator)
-        return compose(raw, self.loss_weights, {"diffusion": 1.0})
+        return compose(raw, self.loss_weights, self.term_weights())
+
+    def term_weights(self) -> dict[str, float]:
+        """Default weights of the loss terms (``train.loss_weights`` overrides them)."""
+        return {"diffusion": 1.0, "x0_seg": self.x0_seg_weight}
 
     # ---- sampling -----------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from diffmis.config import Config
 from diffmis.errors import ConfigError
 from diffmis.losses import segmentation_loss_terms
-from diffmis.methods.base import LossOutput, build_segmentor, compose, register
+from diffmis.methods.base import LossOutput, compose, register, segmentor_from_config
 from diffmis.methods.medsegdiff import GaussianMaskDiffusion
 
 __all__ = ["MedSegDiffV2", "anchor_loss"]
@@ -65,13 +65,9 @@ class MedSegDiffV2(GaussianMaskDiffusion):
 
     @classmethod
     def denoiser_kwargs(cls, cfg: Config) -> dict[str, Any]:
-        seg = cfg.model.segmentor
-        if seg is None:
-            raise ConfigError("recipe 'medsegdiff_v2' needs model.segmentor (the condition model)")
         if cfg.model.name != "medsegdiff_v2":
             raise ConfigError(f"recipe 'medsegdiff_v2' needs model.name 'medsegdiff_v2', got '{cfg.model.name}'")
-        return {**super().denoiser_kwargs(cfg),
-                "segmentor": build_segmentor(seg.name, dict(seg.params), cfg.data.in_channels, cfg.data.num_classes)}
+        return {**super().denoiser_kwargs(cfg), "segmentor": segmentor_from_config(cfg, "the condition model")}
 
     def segmentor_module(self) -> nn.Module:
         return self.denoiser.segmentor
@@ -80,4 +76,4 @@ class MedSegDiffV2(GaussianMaskDiffusion):
              generator: Optional[torch.Generator] = None) -> LossOutput:
         raw, cond, t = self.diffusion_terms(image, mask, generator)
         raw["anchor"] = anchor_loss(cond["anchor_logits"], mask, t, self.anchor_alpha, self.anchor_beta)
-        return compose(raw, self.loss_weights, {"diffusion": 1.0, "anchor": 1.0})
+        return compose(raw, self.loss_weights, {**self.term_weights(), "anchor": 1.0})

@@ -6,7 +6,9 @@ from the noised pre-segmentation of a separately trained segmentor at T' < T, so
     run the reverse steps over [0, T') only                                           (step 3)
 
 Training is MedSegDiff's denoising loss; the pre-segmentation network (``model.segmentor``) trains alongside
-with Dice + CE (term ``prior``), or comes frozen from a segmentor run (``train.prior_run``). T' is
+with Dice + CE (term ``prior``), or comes frozen from a segmentor run (``train.prior_run``). With
+``diffusion.recycle`` a fraction of each batch is noised from the pre-segmentation itself at t < T', the starts
+sampling sees, so the denoiser learns to correct the segmentor's mistakes. T' is
 ``sample.start_step`` (``diffmis.sampling.propose_start_step`` gives the SNR rule of METHODS 4.3);
 ``--start-step 0`` runs the same network from pure noise.
 """
@@ -19,10 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from diffmis.config import Config
-from diffmis.errors import ConfigError
 from diffmis.losses import segmentation_loss_terms
-from diffmis.masks import probabilities
-from diffmis.methods.base import LossOutput, build_segmentor, compose, register
+from diffmis.masks import hard_one_hot, probabilities
+from diffmis.methods.base import LossOutput, compose, rand_t, register, segmentor_from_config
 from diffmis.methods.medsegdiff import GaussianMaskDiffusion
 
 __all__ = ["PDDPM"]
@@ -52,10 +53,7 @@ class PDDPM(GaussianMaskDiffusion):
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> "PDDPM":
-        seg = cfg.model.segmentor
-        if seg is None:
-            raise ConfigError("recipe 'pd_ddpm' needs model.segmentor (the pre-segmentation network)")
-        prior = build_segmentor(seg.name, dict(seg.params), cfg.data.in_channels, cfg.data.num_classes)
+        prior = segmentor_from_config(cfg, "the pre-segmentation network")
         return super().from_config(cfg, prior=prior, prior_trainable=cfg.train.prior_run is None,
                                    default_start_step=cfg.sample.start_step, **kwargs)
 
@@ -68,9 +66,15 @@ class PDDPM(GaussianMaskDiffusion):
         if self.prior_trainable:  # the pre-segmentation network trains alongside
             seg = segmentation_loss_terms(self.prior(image).logits, mask)
             raw["prior"] = seg["dice"] + seg["ce"]
-        return compose(raw, self.loss_weights, {"diffusion": 1.0, "prior": 1.0})
+        return compose(raw, self.loss_weights, {**self.term_weights(), "prior": 1.0})
 
     @torch.no_grad()
     def start_prior(self, image: Tensor) -> Tensor:
         """The pre-segmentation probabilities (B, K, H, W) of ``image``."""
         return probabilities(self.prior(image).logits.float())
+
+    @torch.no_grad()
+    def recycle_source(self, image: Tensor, generator: Optional[torch.Generator]) -> tuple[Tensor, Optional[Tensor]]:
+        """What sampling starts from: the pre-segmentation's hard labels, at timesteps uniform in [0, T')."""
+        start = self.default_start_step or self.scheduler.timesteps
+        return hard_one_hot(self.start_prior(image)), rand_t(image.shape[0], start, generator, image.device)
