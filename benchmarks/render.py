@@ -269,8 +269,12 @@ def fill_readme(readme: Path) -> None:
         kind = name.split("_")[0].removesuffix(".json")
         if name.endswith("_tune.json"):
             kind = "variants"
-        body = {"quality": quality_table, "variants": variants_table, "nfe": nfe_table, "speed": speed_table,
-                "precision": precision_table, "threads": threads_table}[kind](data)
+        try:
+            body = {"quality": quality_table, "variants": variants_table, "nfe": nfe_table, "speed": speed_table,
+                    "precision": precision_table, "threads": threads_table}[kind](data)
+        except (KeyError, TypeError):  # a result file of an older format: its block stays as it is
+            print(f"left {name} as it is (older format)")
+            return m.group(0)
         return f"<!-- render:{name} -->\n{body}\n<!-- /render -->"
 
     new = re.sub(r"<!-- render:(\S+) -->.*?<!-- /render -->", table, text, flags=re.S)

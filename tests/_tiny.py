@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def tiny_config(recipe: str, out: Path, *, num_classes: int = 1, steps: int = 4, **train: Any) -> dict[str, Any]:
-    r = RECIPES[recipe]
+    r = copy.deepcopy(RECIPES[recipe])  # callers edit the result; RECIPES must stay as written
     cfg: dict[str, Any] = {
         "experiment": {"name": recipe, "recipe": recipe, "seed": 3, "output_dir": str(out)},
         "data": {"kind": "synthetic", "image_size": [32, 32], "in_channels": 1, "num_classes": num_classes,

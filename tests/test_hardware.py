@@ -125,6 +125,9 @@ def test_busy_cores_sees_a_competitor_but_not_a_niced_one():
             spin.kill()
             spin.wait()
 
+    idle = hardware.busy_cores(0.5)
+    if idle > 0.5:  # another job already holds a core: the difference below would be noise
+        pytest.skip(f"the machine is busy ({idle:.1f} cores at normal priority); this needs an idle machine")
     loop = [sys.executable, "-c", "while True: pass"]
     normal = busy_with(loop)
     niced = busy_with(["nice", "-n", "19", *loop])

@@ -292,3 +292,49 @@ def test_prior_noise_perturbs_the_refiners_prior_only():
     with torch.no_grad():
         out = method.sample(image, generator=torch.Generator().manual_seed(2))  # sampling uses the clean prior
     assert out.probs.shape == (2, 1, SIZE, SIZE)
+
+
+def test_training_timesteps_matched_to_the_sampler():
+    """``train_timesteps: sampler`` draws only the indices the default sampler visits (PD-DDPM: within [0, T'))."""
+    for recipe in ("medsegdiff", "pd_ddpm"):
+        method = _with(recipe, train_timesteps="sampler")
+        chain = method.scheduler.sampling_timesteps(method.default_steps, method.default_start_step)
+        t = method.training_timesteps(400, torch.Generator().manual_seed(0), torch.device("cpu"))
+        assert set(t.tolist()) == set(chain)  # every visited index drawn, nothing else
+        uniform = _with(recipe).training_timesteps(400, torch.Generator().manual_seed(0), torch.device("cpu"))
+        assert len(set(uniform.tolist())) > 10 * len(chain)
+
+
+def test_a_lever_the_method_does_not_read_is_refused():
+    from diffmis.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"diffusion.prior_noise has no effect on recipe 'medsegdiff'"):
+        _with("medsegdiff", prior_noise=1.0)
+    with pytest.raises(ConfigError, match=r"diffusion.train_timesteps has no effect on recipe 'hidiff'"):
+        _with("hidiff", train_timesteps="sampler")
+    with pytest.raises(ConfigError, match=r"diffusion.x0_seg_weight.*'segmentor'.*none of the recipe levers"):
+        _with("segmentor", x0_seg_weight=1.0)
+
+
+def test_medsegdiff_image_skips_reach_the_decoder():
+    """With the bottleneck cut (its output replaced by zeros), the paper design's output no longer depends on the
+    image (the image reaches the decoder only through the bottleneck sum); with ``image_skips`` it still does."""
+    from diffmis.models.medsegdiff import MedSegDiff
+
+    class Cut(torch.nn.Module):
+        def forward(self, h, emb):
+            return torch.zeros_like(h)
+
+    kw = dict(width=8, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(), image_size=32)
+    for skips in (False, True):
+        torch.manual_seed(0)
+        net = MedSegDiff(1, 1, image_skips=skips, **kw).eval()
+        with torch.no_grad():
+            for p in net.parameters():  # no zero-initialised layer (the head, the ResBlocks' last convs) hides paths
+                p.normal_(0.0, 0.2)
+        net.middle = Cut()
+        x_t, t = torch.randn(1, 1, 32, 32), torch.tensor([5])
+        with torch.no_grad():
+            a = net(x_t, t, {"image": torch.randn(1, 1, 32, 32)})
+            b = net(x_t, t, {"image": torch.randn(1, 1, 32, 32)})
+        assert bool((a - b).abs().max() > 1e-4) == skips

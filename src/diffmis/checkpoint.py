@@ -28,7 +28,8 @@ from torch import nn
 from diffmis import __version__
 from diffmis.errors import CheckpointError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_weights_into", "read_state", "capture_rng", "restore_rng"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_weights_into", "read_state", "capture_rng", "restore_rng",
+           "recover_checkpoints", "has_checkpoint"]
 
 
 def _tensors_for_save(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,10 +104,18 @@ def save_checkpoint(
     config: Optional[dict[str, Any]] = None,
     extra: Optional[dict[str, Any]] = None,
 ) -> Path:
-    """Write a checkpoint folder atomically (a temporary sibling folder renamed into place)."""
+    """Write a checkpoint folder atomically (a temporary sibling folder renamed into place).
+
+    Raises:
+        CheckpointError: the folder could not be written (disk full, no permission, I/O error): the message says
+            why and how much space was needed; the previous checkpoint of that name is left as it was.
+    """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {directory}: {err.strerror or err}") from None
     try:
         save_file(_tensors_for_save(method.state_dict()), str(tmp / "model.safetensors"))
         if ema_shadow is not None:
@@ -139,10 +148,68 @@ def save_checkpoint(
         os.replace(tmp, directory)
         if old.exists():
             shutil.rmtree(old)
+    except (OSError, SafetensorError) as err:
+        written = sum(f.stat().st_size for f in tmp.glob("*") if f.is_file()) if tmp.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = _state_bytes(method, optimizers, ema_shadow)
+        free = shutil.disk_usage(directory.parent).free if directory.parent.exists() else 0
+        kept = "the previous checkpoint is intact" if directory.is_dir() else "no earlier checkpoint of this name"
+        raise CheckpointError(
+            f"cannot write checkpoint {directory}: {getattr(err, 'strerror', None) or err} (about "
+            f"{need / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free on that disk; {written / 2**20:.0f} MiB "
+            f"had been written and were removed); {kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _state_bytes(method: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+                 ema_shadow: Optional[dict[str, torch.Tensor]]) -> int:
+    """Bytes of the tensors a checkpoint writes (weights, EMA, optimizer state)."""
+    n = sum(t.numel() * t.element_size() for t in method.state_dict().values())
+    n += sum(t.numel() * t.element_size() for t in (ema_shadow or {}).values())
+    for opt in optimizers:
+        for st in opt.state_dict()["state"].values():
+            n += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+    return n
+
+
+def recover_checkpoints(folder: Union[str, Path]) -> list[str]:
+    """Tidy ``RUN/checkpoints`` after a crash; returns what was done, one sentence each.
+
+    A save writes ``.<tag>.tmp*`` completely (``state.json`` last), moves ``<tag>`` to ``.<tag>.old``, renames
+    the temporary folder to ``<tag>`` and deletes ``.<tag>.old``. A crash between the renames leaves no ``<tag>``:
+    the newest complete one of the temporary folder and ``.<tag>.old`` becomes ``<tag>`` again. Incomplete
+    temporary folders and leftover ``.old`` folders are deleted.
+    """
+    folder = Path(folder)
+    done: list[str] = []
+    if not folder.is_dir():
+        return done
+    for tag in ("last", "best"):
+        target = folder / tag
+        old = folder / f".{tag}.old"
+        tmps = sorted(folder.glob(f".{tag}.tmp*"))
+        complete = [t for t in tmps if (t / "state.json").is_file() and (t / "model.safetensors").is_file()]
+        if not target.exists():
+            candidates = complete + ([old] if (old / "state.json").is_file() else [])
+            if candidates:
+                best = max(candidates, key=lambda c: int(read_state(c).get("step", -1)))
+                os.replace(best, target)
+                done.append(f"recovered checkpoints/{tag} (step {read_state(target).get('step')}) from a save "
+                            f"interrupted between its renames ({best.name})")
+        for leftover in [*tmps, old]:
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+                done.append(f"removed the leftover of an interrupted save: checkpoints/{leftover.name}")
+    return done
+
+
+def has_checkpoint(folder: Union[str, Path]) -> bool:
+    """Whether ``RUN/checkpoints`` holds a complete ``last`` or ``best`` checkpoint."""
+    folder = Path(folder)
+    return any((folder / tag / "state.json").is_file() for tag in ("last", "best"))
 
 
 def read_state(directory: Union[str, Path]) -> dict[str, Any]:

@@ -47,9 +47,11 @@ Size2 = tuple[int, int]
 def _as_size(v: Any) -> Any:
     if v is None:
         return v
-    if isinstance(v, int):
-        return (v, v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
     if isinstance(v, (list, tuple)) and len(v) == 2:
+        if any(isinstance(x, int) and not isinstance(x, bool) and x < 1 for x in v):
+            raise ValueError(f"sizes must be positive whole numbers of pixels, got {list(v)}")
         return tuple(v)
     return v
 
@@ -140,6 +142,9 @@ class DiffusionConfig(_Section):
     # HiDiff: std of spatially smooth noise added to the segmentor's logits in the refiner step, so the refiner
     # learns from priors that make mistakes (0 = the co-trained segmentor's own prior, as released)
     prior_noise: float = Field(0.0, ge=0)
+    # Gaussian methods: training timesteps uniform over [0, T) ("all", the papers'), or only the ones the default
+    # sampler visits (sample.steps over [0, T'), "sampler": the network learns exactly the steps it will take)
+    train_timesteps: Literal["all", "sampler"] = "all"
 
 
 class TrainConfig(_Section):

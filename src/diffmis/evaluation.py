@@ -281,12 +281,24 @@ class EvaluationResult:
 
 
 def _infer_num_labels(refs: dict[str, Path]) -> int:
-    top = 1
+    """Largest reference label + 1. The labels found must be 0..K-1 without gaps: {0, 128} is a mask saved with
+    another foreground value, not a 129-label task, and is refused naming the file and the fix."""
+    seen: dict[int, Path] = {}
     for path in refs.values():
         labels, _ = read_scored_labels(path)
-        if labels.size:
-            top = max(top, int(labels.max()))
-    return top + 1
+        for v in np.unique(labels).tolist():
+            seen.setdefault(int(v), path)
+    values = sorted(seen)
+    top = max(values, default=1)
+    missing = sorted(set(range(top + 1)) - set(values))
+    if missing:
+        odd = [v for v in values if v > len(values) - 1]
+        raise DataError(
+            f"{seen[odd[0]]}: holds label value {odd[0]}, but the references hold only the values "
+            f"{{{', '.join(map(str, values))}}}: label maps must hold 0..K-1 (a binary mask {{0, 1}} or {{0, 255}}); "
+            f"re-save the masks with {odd[0]} written as {values.index(odd[0])}, or pass --labels N when labels up "
+            f"to N-1 are absent from every reference")
+    return max(top, 1) + 1
 
 
 def _check_labels(labels: np.ndarray, num_labels: int, path: Path) -> None:
@@ -461,7 +473,14 @@ def evaluate_folders(
             continue
 
         pred_path = preds[case_id]
-        pred, _ = read_scored_labels(pred_path)
+        pred, pred_spacing = read_scored_labels(pred_path)
+        if pred_spacing is not None and header_spacing is not None and not np.allclose(
+                pred_spacing, header_spacing, rtol=1e-3, atol=1e-6):
+            raise DataError(
+                f"voxel spacing mismatch for case '{case_id}': prediction {pred_path} has "
+                f"{tuple(round(x, 4) for x in pred_spacing)}, reference {ref_path} "
+                f"{tuple(round(x, 4) for x in header_spacing)}; the prediction was made on another grid "
+                "(resample it to the reference first)")
         if pred.shape != ref.shape:
             raise DataError(
                 f"size mismatch for case '{case_id}': prediction {pred_path} has shape {pred.shape}, "

@@ -38,6 +38,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (the message names the value)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     """``--threads N``: torch threads (default: the cores this process may use, diffmis.hardware)."""
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",

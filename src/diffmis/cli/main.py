@@ -60,7 +60,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"diffmis {args.verb}: {choice.describe()} (--threads N to choose)", file=sys.stderr)
         return int(args.func(args) or 0)
     except DiffmisError as err:
-        print(f"diffmis {args.verb}: error: {err}", file=sys.stderr)
+        signum = getattr(err, "signum", None)  # training stopped by SIGTERM/SIGUSR1 after saving
+        print(f"diffmis {args.verb}: {'stopped' if signum else 'error'}: {err}", file=sys.stderr)
+        return 128 + signum if signum else 2
+    except OSError as err:  # an output (or input) path that cannot be used: one sentence naming it
+        where = f" {err.filename}" if getattr(err, "filename", None) else ""
+        why = err.strerror or str(err)
+        if isinstance(err, (FileExistsError, NotADirectoryError)):
+            why += " (a file stands where a folder is needed; choose another path or move the file)"
+        elif isinstance(err, PermissionError):
+            why += " (choose a path you may write to)"
+        print(f"diffmis {args.verb}: error: cannot use{where}: {why}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"diffmis {args.verb}: interrupted", file=sys.stderr)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffmis.cli.commands import add_threads_argument
+from diffmis.cli.commands import add_threads_argument, nonnegative_int, positive_int
 import json
 from pathlib import Path
 
@@ -19,14 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config (e.g. configs/medsegdiff_kvasir.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set sample.ensemble=1")
-    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="optimizer steps left out of the timing (default 2)")
-    p.add_argument("--size", type=int, default=None, help="square working size (default: the config's)")
-    p.add_argument("--batch", type=int, default=None, help="training batch (default: the config's)")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed optimizer steps (default 5)")
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="optimizer steps left out of the timing (default 2)")
+    p.add_argument("--size", type=positive_int, default=None, help="square working size (default: the config's)")
+    p.add_argument("--batch", type=positive_int, default=None, help="training batch (default: the config's)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32", "config"), default="auto",
                    help="training/prediction precision (default auto: what this machine would choose; 'config': "
                         "the config's train.precision)")
-    p.add_argument("--predict-images", type=int, default=4, help="images timed at prediction (default 4)")
+    p.add_argument("--predict-images", type=positive_int, default=4, help="images timed at prediction (default 4)")
     add_threads_argument(p)
     p.add_argument("--out", default=None, metavar="FILE", help="write the result as JSON here")
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+from diffmis.cli.commands import positive_int
+
 HELP = "dataset tools: check a dataset, prepare the built-in one"
 
 
@@ -28,16 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--config", help="take root, num_classes, labels, in_channels from this config's data section")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (with --config), e.g. --set data.root=DIR")
-    c.add_argument("--num-classes", type=int, default=None,
+    c.add_argument("--num-classes", type=positive_int, default=None,
                    help="K: 1 = binary masks {0,1} or {0,255}; K >= 2 = label maps 0..K-1 "
                         "(default: dataset.json for nnU-Net, else 1)")
     c.add_argument("--labels", type=int, nargs="+", default=None, metavar="V",
                    help="stored mask value of each class, background first (2 values when K = 1)")
-    c.add_argument("--in-channels", type=int, default=None, help="expected image channels (default: not checked)")
+    c.add_argument("--in-channels", type=positive_int, default=None, help="expected image channels (default: not checked)")
     c.add_argument("--split", dest="splits", action="append", default=None, metavar="NAME",
                    help="check only this split and its files (repeatable; default: every split and file)")
     c.add_argument("--quick", action="store_true", help="read headers only (what training runs at start)")
-    c.add_argument("--workers", type=int, default=None, help="decoding threads (default: cores, at most 8)")
+    c.add_argument("--workers", type=positive_int, default=None, help="decoding threads (default: cores, at most 8)")
     c.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
 
     pr = sub.add_parser("prepare", help="write a built-in dataset in the folder layout")
@@ -46,9 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("out", help="output folder")
     s = which.add_parser("synthetic", help="textured shapes with noise (fast tests)")
     s.add_argument("out", help="output folder")
-    s.add_argument("--n", type=int, default=64, help="number of samples")
-    s.add_argument("--size", type=int, nargs="+", default=[64], help="H [W] in pixels")
-    s.add_argument("--num-classes", type=int, default=1, help="K: 1 = binary, >= 2 = label maps")
+    s.add_argument("--n", type=positive_int, default=64, help="number of samples")
+    s.add_argument("--size", type=positive_int, nargs="+", default=[64], help="H [W] in pixels")
+    s.add_argument("--num-classes", type=positive_int, default=1, help="K: 1 = binary, >= 2 = label maps")
     s.add_argument("--channels", type=int, default=3, choices=(1, 3), help="image channels")
     s.add_argument("--seed", type=int, default=0)
 

@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+from diffmis.cli.commands import positive_int
+
 HELP = "metrics of predicted masks against reference masks"
 
 
@@ -18,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fov", metavar="DIR", help="field-of-view masks by stem: only pixels inside count")
     parser.add_argument("--prob", metavar="DIR", help="probability maps (.npy, (H,W) or (K,H,W)) by stem: adds ECE")
     parser.add_argument(
-        "--labels", type=int, metavar="N", help="labels are 0..N-1, background included (default: from the references)"
+        "--labels", type=positive_int, metavar="N", help="labels are 0..N-1, background included (default: from the references)"
     )
     parser.add_argument(
         "--spacing", type=float, nargs="+", metavar="S",
@@ -31,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lenient", action="store_true",
         help="also report the MedSegDiff authors' lenient multi-threshold Dice/IoU (needs --prob; not comparable)",
     )
-    parser.add_argument("--bins", type=int, default=10, metavar="N", help="reliability bins for ECE (default 10)")
+    parser.add_argument("--bins", type=positive_int, default=10, metavar="N", help="reliability bins for ECE (default 10)")
 
 
 def _fmt(value: float) -> str:

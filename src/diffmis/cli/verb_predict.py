@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffmis.cli.commands import add_threads_argument
+from diffmis.cli.commands import add_threads_argument, nonnegative_int, positive_int
 import sys
 
 HELP = "segment images or volumes with a trained run"
@@ -24,17 +24,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segmentor-only", action="store_true",
                    help="predict with the run's segmentor alone (HiDiff's prior, PD-DDPM's pre-segmentation, "
                         "MedSegDiff-V2's condition model): one forward pass, to compare a run with its segmentor")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.steps)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the run's sample.steps)")
     p.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "bernoulli", "bernoulli_ddim", "direct"],
                    help="default: the run's; Gaussian runs take ddim/ddpm, Bernoulli runs bernoulli_ddim/bernoulli")
-    p.add_argument("--ensemble", type=int, default=None, help="ensemble members per image, run as one batch")
+    p.add_argument("--ensemble", type=positive_int, default=None, help="ensemble members per image, run as one batch")
     p.add_argument("--fuse", choices=["mean", "staple", "mean_squared"], default=None, help="ensemble fusion")
     p.add_argument("--prior", default=None,
                    help="PD-DDPM start: a run folder (e.g. a segmentor) whose masks start the chain, or a folder "
                         "of prior masks named like the outputs (<id>.png / <id>.nii.gz)")
-    p.add_argument("--start-step", type=int, default=None,
+    p.add_argument("--start-step", type=nonnegative_int, default=None,
                    help="PD-DDPM start step T' (1..T); 0 runs the full chain from pure noise")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images / slices / sliding windows per network batch (default: the run's sample.batch_size)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
                    help="default: the run's train.precision, resolved for this machine when auto")

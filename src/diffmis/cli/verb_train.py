@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffmis.cli.commands import add_threads_argument
+from diffmis.cli.commands import add_threads_argument, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.max_steps=2000 (repeatable)")
     p.add_argument("--out", default=None, help="run folder (default: experiment.output_dir/experiment.name)")
     p.add_argument("--resume", action="store_true", help="continue exactly from RUN/checkpoints/last")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+    p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
                    help="stop after N optimizer steps in this invocation (saving last); resume later")
     add_threads_argument(p)
 

@@ -36,7 +36,7 @@ from diffmis.data.io import (
     read_volume,
     volume_shape,
 )
-from diffmis.data.labels import LabelSpec, fov_problem
+from diffmis.data.labels import LabelSpec, fmt_values, fov_problem, lossy_hint
 from diffmis.data.layouts import (
     FolderIndex,
     NnunetIndex,
@@ -107,7 +107,7 @@ class DatasetReport:
             lines.append(f"  size ({axes}): min {fmt(map(str, self.size_min))}, max {fmt(map(str, self.size_max))}"
                          f"; channels {', '.join(map(str, self.channels)) or '?'}")
         if self.label_values:
-            lines.append("  mask values: {" + ", ".join(map(str, self.label_values)) + "}")
+            lines.append(f"  mask values: {fmt_values(self.label_values)}")
         lines.extend(f"  PROBLEM {f}: {m}" for f, m in self.problems)
         return "\n".join(lines)
 
@@ -191,7 +191,7 @@ def _check_2d_pair(image: Path, mask: Optional[Path], fov: Optional[Path], spec:
                 vals = _distinct(m)
                 msg = spec.problem(sorted(vals)) if what == "mask" else fov_problem(vals)
                 if msg:
-                    item.problems.append((str(path), msg))
+                    item.problems.append((str(path), msg + lossy_hint(path)))
                 if what == "mask":
                     item.values, item.empty = vals, vals <= {0}
             else:

@@ -296,6 +296,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image, labels, fov = self.raw(i)
         img = normalize_intensity(image, self.normalize, self.ct_window)
         if self.train and self.patch_size is not None:
+            h, w = labels.shape[-2:]
+            if h < self.patch_size[0] or w < self.patch_size[1]:  # padding would train on invented background
+                raise DataError(f"{self.source.ids[i]}: the image is {h}x{w}, smaller than data.patch_size="
+                                f"{list(self.patch_size)}; use a smaller data.patch_size, or data.image_size to "
+                                "resize every image first")
             img, labels, fov = random_patch(img, labels, fov, self.patch_size, self._generator())
         image_t = torch.from_numpy(np.ascontiguousarray(img))
         fov_t = None if fov is None else torch.from_numpy(fov.astype(np.float32))

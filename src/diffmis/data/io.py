@@ -28,6 +28,7 @@ __all__ = [
     "Volume",
     "split_suffix",
     "image_header",
+    "check_finite",
     "load_image_array",
     "load_mask_array",
     "read_image",
@@ -77,8 +78,21 @@ def _open(path: Path) -> Image.Image:
         return Image.open(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: the image is too large to decode safely ({err}); downscale it") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: unreadable image ({err})") from None
+
+
+def check_finite(arr: np.ndarray, path: PathLike) -> np.ndarray:
+    """Return ``arr``; raise :class:`DataError` naming ``path`` when it holds NaN or infinite values (float data:
+    a NaN would silently become a constant image after normalisation)."""
+    if arr.dtype.kind == "f":
+        bad = arr.size - int(np.isfinite(arr).sum())
+        if bad:
+            raise DataError(f"{path}: {bad} of {arr.size} values are NaN or infinite; fix or replace them "
+                            "(diffmis does not guess what they should be)")
+    return arr
 
 
 def image_header(path: PathLike) -> tuple[int, int, int]:
@@ -132,6 +146,7 @@ def load_image_array(path: PathLike, size: Optional[tuple[int, int]] = None) -> 
         arr = arr.astype(np.float32)
     elif arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("="))
+    check_finite(arr, path)
     arr = arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
     if size is not None and arr.shape[1:] != tuple(size):
         arr = resize_image(arr, size)
@@ -267,6 +282,7 @@ def read_volume(path: PathLike) -> Volume:
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # truncated gzip streams raise EOFError/OSError/zlib.error
         raise DataError(f"{path}: corrupt or truncated volume, decoding failed ({err})") from None
+    check_finite(data, path)
     z = [float(v) for v in img.header.get_zooms()[:3]] + [1.0, 1.0]
     return Volume(data.reshape(shape), np.asarray(img.affine, dtype=np.float64), (z[0], z[1], z[2]), path)
 

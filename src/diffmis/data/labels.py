@@ -22,8 +22,20 @@ __all__ = ["LabelSpec", "fov_problem"]
 _BINARY_SETS = ({0, 1}, {0, 255})
 
 
-def _fmt(values: Iterable[int]) -> str:
-    return "{" + ", ".join(str(v) for v in sorted(values)) + "}"
+def fmt_values(values: Iterable[int], limit: int = 8) -> str:
+    """``{a, b, c}``; more than ``limit`` values are shortened to the first and last few and their count."""
+    v = sorted(values)
+    if len(v) > limit:
+        return "{" + ", ".join(map(str, v[:4])) + f", ... ({len(v) - 6} more) ..., " + ", ".join(map(str, v[-2:])) + "}"
+    return "{" + ", ".join(str(x) for x in v) + "}"
+
+
+def lossy_hint(path: Union[str, Path]) -> str:
+    """A sentence for masks stored as JPEG (lossy: compression invents values at every edge), else ''."""
+    if Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        return ("; the mask is a JPEG file, and JPEG compression is lossy (it invents values around every edge): "
+                "save masks losslessly (PNG) from the original labels")
+    return ""
 
 
 def fov_problem(present: Iterable[int]) -> Optional[str]:
@@ -31,7 +43,7 @@ def fov_problem(present: Iterable[int]) -> Optional[str]:
     found = set(int(v) for v in present)
     if any(found <= s for s in _BINARY_SETS):
         return None
-    return f"field-of-view mask is not binary: values {_fmt(found)}; expected {{0, 1}} or {{0, 255}}"
+    return f"field-of-view mask is not binary: values {fmt_values(found)}; expected {{0, 1}} or {{0, 255}}"
 
 
 @dataclass(frozen=True)
@@ -74,10 +86,10 @@ class LabelSpec:
     def describe(self) -> str:
         """The declared values in words, e.g. ``{0, 1} or {0, 255}``."""
         if self.values is not None:
-            return _fmt(self.values)
+            return fmt_values(self.values)
         if self.num_classes == 1:
             return "{0, 1} or {0, 255}"
-        return _fmt(range(self.num_classes))
+        return fmt_values(range(self.num_classes))
 
     def problem(self, present: Sequence[int]) -> Optional[str]:
         """A message when the values found in one mask are not allowed, else None.
@@ -91,13 +103,13 @@ class LabelSpec:
                 return None
             outside = found - {0, 1, 255}
             if outside:
-                return (f"mask values {_fmt(outside)} are outside the declared labels {self.describe()} "
+                return (f"mask values {fmt_values(outside)} are outside the declared labels {self.describe()} "
                         f"(data.num_classes=1)")
             return "mask mixes values 1 and 255; a binary mask holds {0, 1} or {0, 255}"
         allowed = set(self.values) if self.values is not None else set(range(self.num_classes))
         outside = found - allowed
         if outside:
-            return (f"mask values {_fmt(outside)} are outside the declared labels {self.describe()} "
+            return (f"mask values {fmt_values(outside)} are outside the declared labels {self.describe()} "
                     f"(data.num_classes={self.num_classes})")
         return None
 
@@ -120,7 +132,7 @@ class LabelSpec:
             present = np.unique(mask)
         msg = self.problem(present.tolist())
         if msg:
-            raise DataError(f"{path}: {msg}")
+            raise DataError(f"{path}: {msg}{lossy_hint(path)}")
         if self.values is None and self.num_classes == 1:
             return (mask > 0).astype(np.uint8)
         values = self.values if self.values is not None else tuple(range(self.num_classes))

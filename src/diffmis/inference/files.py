@@ -333,7 +333,7 @@ def predict_paths(predictor: Predictor, inputs: Sequence[Union[PathLike, InputCa
             prior = _prior_for(case, priors, Path(prior_dir) if prior_dir else None)
             if case.kind == "image":
                 image = read_image(case.paths[0])
-                predictor.check_channels(image.shape[0], case.name)
+                image = predictor.fit_channels(image, case.name)
                 if pending and same_size_needed and image.shape[1:] != pending[0][1].shape[1:]:
                     flush()
                 pending.append((case, image, prior))

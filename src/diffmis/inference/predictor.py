@@ -214,6 +214,14 @@ class Predictor:
             raise InputError(f"{source}: the input has {channels} channel(s) but the model takes "
                              f"{self.in_channels} (data.in_channels of the run)")
 
+    def fit_channels(self, image: np.ndarray, source: str) -> np.ndarray:
+        """``(C, H, W)`` image as the model takes it: a grey image for a 3-channel run is repeated to 3 channels
+        (as training reads a grey image in a colour dataset); any other mismatch is an InputError."""
+        if image.shape[0] == 1 and self.in_channels == 3:
+            return np.repeat(image, 3, axis=0)
+        self.check_channels(image.shape[0], source)
+        return image
+
     def _prior_classes(self, mask: np.ndarray, source: str) -> np.ndarray:
         """A prior mask's stored values -> class indices 0..K-1 (K = 1: any non-zero value is foreground)."""
         lab = np.asarray(mask)
@@ -234,7 +242,9 @@ class Predictor:
             image = image[None]
         if image.ndim != 3:
             raise InputError(f"{source}: expected a (C, H, W) or (H, W) image, got shape {image.shape}")
-        self.check_channels(image.shape[0], source)
+        image = self.fit_channels(image, source)
+        if image.dtype.kind == "f" and not np.isfinite(image).all():
+            raise InputError(f"{source}: the image holds NaN or infinite values; nothing was predicted for it")
         hw = tuple(image.shape[1:])
         resize = self.image_size is not None and hw != self.image_size
         if resize:

@@ -42,4 +42,15 @@ def build(cfg: Config) -> Method:
     except KeyError:
         raise ConfigError(f"experiment.recipe '{cfg.experiment.recipe}' is not a method; registered: "
                           f"{', '.join(METHODS.names())}") from None
+    unused = [f"diffusion.{k}" for k, default in LEVERS.items()
+              if k not in cls.levers and getattr(cfg.diffusion, k) != default]
+    if unused:  # a recipe lever this method does not read would be silently ignored
+        raise ConfigError(f"{', '.join(unused)} has no effect on recipe '{cfg.experiment.recipe}' (it reads "
+                          f"{', '.join(f'diffusion.{k}' for k in cls.levers) or 'none of the recipe levers'}); "
+                          "remove the setting")
     return cls.from_config(cfg)
+
+
+#: the recipe levers (``diffusion.*`` keys only some methods read) and their defaults; ``Method.levers`` lists
+#: the ones a method reads, :func:`build` refuses the others when set
+LEVERS = {"x0_seg_weight": 0.0, "recycle": 0.0, "train_timesteps": "all", "prior_noise": 0.0}

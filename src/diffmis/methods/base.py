@@ -26,6 +26,8 @@ import in ``methods/__init__.py``, its recipe configs, and an entry in ``tests/t
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
@@ -146,6 +148,7 @@ class Method(nn.Module):
             usual one).
         takes_start_step: :meth:`sample` can start the reverse chain from a noised prior mask (PD-DDPM start).
         own_prior: the method has its own pre-segmentation network for that start.
+        levers: the ``diffusion.*`` recipe levers the method reads (others set in a config are refused).
     """
 
     name: ClassVar[str] = ""
@@ -153,6 +156,8 @@ class Method(nn.Module):
     takes_start_step: ClassVar[bool] = False
     own_prior: ClassVar[bool] = False
     supports_members: ClassVar[bool] = True
+    #: the recipe levers (``diffusion.*``, see ``diffmis.methods.LEVERS``) this method reads
+    levers: ClassVar[tuple[str, ...]] = ()
 
     num_classes: int
     default_sampler: str = "direct"
@@ -222,6 +227,28 @@ class Method(nn.Module):
             members: samples per image.
         """
         raise NotImplementedError
+
+    def size_multiple(self) -> int:
+        """H and W of an input must be divisible by this (the deepest downsampling of its networks)."""
+        sizes = [getattr(m, "size_multiple", 1) for m in self.modules() if m is not self]
+        return math.lcm(1, *(int(s) for s in sizes if isinstance(s, int)))
+
+    def check_geometry(self, cfg: Config) -> None:
+        """Raise :class:`ConfigError` naming the key when ``data.image_size`` / ``data.patch_size`` (the sizes the
+        networks see in training) are not multiples of :meth:`size_multiple`."""
+        m = self.size_multiple()
+        for key in ("patch_size", "image_size"):
+            size = getattr(cfg.data, key)
+            if size is None:
+                continue
+            if size[0] % m or size[1] % m:
+                up = [s + (-s) % m for s in size]
+                down = [s - s % m for s in size]
+                hint = f"{down} or {up}" if all(down) else f"{up}"
+                raise ConfigError(
+                    f"data.{key}={list(size)} is not a multiple of {m}, which the networks of recipe "
+                    f"'{cfg.experiment.recipe}' need (they downsample {m.bit_length() - 1} times); use e.g. {hint}")
+            return  # patches (when set) are what the networks see in training
 
     def check_sampling(self, steps: Optional[int] = None, sampler: Optional[str] = None,
                        start_step: Optional[int] = None) -> None:

@@ -61,10 +61,12 @@ class GaussianMaskDiffusion(Method):
 
     samplers = ("ddim", "ddpm")
     takes_start_step = True
+    levers = ("x0_seg_weight", "recycle", "train_timesteps")
 
     def __init__(self, denoiser: nn.Module, scheduler: GaussianScheduler, num_classes: int,
                  loss_weights: Optional[dict[str, float]] = None, *, default_steps: int = 10,
-                 default_sampler: str = "ddim", x0_seg_weight: float = 0.0, recycle: float = 0.0) -> None:
+                 default_sampler: str = "ddim", x0_seg_weight: float = 0.0, recycle: float = 0.0,
+                 train_timesteps: str = "all") -> None:
         super().__init__()
         if (x0_seg_weight or recycle) and scheduler.prediction != "x0":
             raise ConfigError("diffusion.x0_seg_weight and diffusion.recycle need diffusion.prediction: x0 "
@@ -78,6 +80,9 @@ class GaussianMaskDiffusion(Method):
         self.default_sampler = default_sampler
         self.x0_seg_weight = x0_seg_weight
         self.recycle = recycle
+        if train_timesteps not in ("all", "sampler"):
+            raise ConfigError(f"diffusion.train_timesteps must be 'all' or 'sampler', got {train_timesteps!r}")
+        self.train_timesteps = train_timesteps
 
     @classmethod
     def denoiser_kwargs(cls, cfg: Config) -> dict[str, Any]:
@@ -92,7 +97,8 @@ class GaussianMaskDiffusion(Method):
         sampler = cfg.sample.sampler if cfg.sample.sampler in cls.samplers else cls.samplers[0]
         return cls(denoiser, gaussian_scheduler(cfg), cfg.data.num_classes, dict(cfg.train.loss_weights),
                    default_steps=cfg.sample.steps, default_sampler=sampler, x0_seg_weight=cfg.diffusion.x0_seg_weight,
-                   recycle=cfg.diffusion.recycle, **method_params, **kwargs)
+                   recycle=cfg.diffusion.recycle, train_timesteps=cfg.diffusion.train_timesteps, **method_params,
+                   **kwargs)
 
     def ema_module(self) -> nn.Module:
         return self.denoiser
@@ -108,7 +114,7 @@ class GaussianMaskDiffusion(Method):
         """
         x0 = self.scheduler.mask_to_x0(mask)
         b = image.shape[0]
-        t = rand_t(b, self.scheduler.timesteps, generator, image.device)
+        t = self.training_timesteps(b, generator, image.device)
         src = x0
         if self.recycle > 0:  # ImgX-DiffSeg's recycling / PD-DDPM's starts: noise a prediction, not the truth
             sel = torch.rand(b, generator=generator, device=generator.device if generator else "cpu") < self.recycle
@@ -131,6 +137,15 @@ class GaussianMaskDiffusion(Method):
             prob = self.scheduler.x0_to_prob(x0_hat).clamp(1e-4, 1.0 - 1e-4)
             raw["x0_seg"] = soft_dice_loss(prob, mask) + F.binary_cross_entropy(prob, mask)
         return raw, cond, t
+
+    def training_timesteps(self, n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+        """(n,) timesteps of a training batch: uniform in [0, T), or (``train_timesteps="sampler"``) uniform over
+        the indices the default sampler visits (``default_steps`` over [0, T'))."""
+        if self.train_timesteps == "all":
+            return rand_t(n, self.scheduler.timesteps, generator, device)
+        chain = torch.tensor(self.scheduler.sampling_timesteps(self.default_steps, self.default_start_step),
+                             dtype=torch.long, device=device)
+        return chain[rand_t(n, len(chain), generator, device)]
 
     @torch.no_grad()
     def recycle_source(self, image: Tensor, generator: Optional[torch.Generator]

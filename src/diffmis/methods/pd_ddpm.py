@@ -8,7 +8,7 @@ from the noised pre-segmentation of a separately trained segmentor at T' < T, so
 Training is MedSegDiff's denoising loss; the pre-segmentation network (``model.segmentor``) trains alongside
 with Dice + CE (term ``prior``), or comes frozen from a segmentor run (``train.prior_run``). With
 ``diffusion.recycle`` a fraction of each batch is noised from the pre-segmentation itself at t < T', the starts
-sampling sees, so the denoiser learns to correct the segmentor's mistakes. T' is
+sampling sees (with ``diffusion.train_timesteps: sampler`` the very indices it visits), so the denoiser learns to correct the segmentor's mistakes. T' is
 ``sample.start_step`` (``diffmis.sampling.propose_start_step`` gives the SNR rule of METHODS 4.3);
 ``--start-step 0`` runs the same network from pure noise.
 """
@@ -77,4 +77,7 @@ class PDDPM(GaussianMaskDiffusion):
     def recycle_source(self, image: Tensor, generator: Optional[torch.Generator]) -> tuple[Tensor, Optional[Tensor]]:
         """What sampling starts from: the pre-segmentation's hard labels, at timesteps uniform in [0, T')."""
         start = self.default_start_step or self.scheduler.timesteps
-        return hard_one_hot(self.start_prior(image)), rand_t(image.shape[0], start, generator, image.device)
+        n = image.shape[0]
+        t = (self.training_timesteps(n, generator, image.device) if self.train_timesteps == "sampler"
+             else rand_t(n, start, generator, image.device))
+        return hard_one_hot(self.start_prior(image)), t

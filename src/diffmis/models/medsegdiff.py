@@ -102,6 +102,10 @@ class MedSegDiff(nn.Module):
         head_channels: channels per attention head.
         dropout: dropout inside the ResBlocks.
         learn_sigma: also output K variance channels.
+        image_skips: the decoder's skips are the sum of the mask-path and the (DCE-modulated) image-path
+            features of each level, not the mask path's alone (the option lucidrains' reading offers, METHODS
+            2.7). The paper's design (False) lets the image reach the decoder only through the bottleneck; the
+            CPU recipes turn it on (``benchmarks/results/quality_mni_tune.json``, variant ``image_skips``).
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class MedSegDiff(nn.Module):
         head_channels: int = 64,
         dropout: float = 0.0,
         learn_sigma: bool = False,
+        image_skips: bool = False,
     ) -> None:
         super().__init__()
         if size not in SIZE_PRESETS:
@@ -139,6 +144,7 @@ class MedSegDiff(nn.Module):
         self.num_classes = num_classes
         self.out_channels = num_classes * (2 if learn_sigma else 1)
         self.size_multiple = 2 ** (n_levels - 1)
+        self.image_skips = image_skips
         time_dim = 4 * width
         kw = dict(num_res_blocks=num_res_blocks, attention_levels=attention_levels, head_channels=head_channels,
                   dropout=dropout)
@@ -179,22 +185,23 @@ class MedSegDiff(nn.Module):
         emb = self.time_embed(t)
         h_x = self.mask_stem(x_t)
         h_i = self.image_stem(cond["image"])
-        skips = [h_x]  # the decoder takes skips from the mask path only
+        both = self.image_skips  # skips from the mask path only (paper), or mask + image path
+        skips = [h_x + h_i if both else h_x]
         for i, (level_x, level_i) in enumerate(zip(self.mask_encoder, self.image_encoder)):
             outs = level_x(h_x, emb)
-            m_x = outs[-1]
-            m_i = level_i(h_i, emb)[-1]
+            outs_i = level_i(h_i, emb)
+            m_x, m_i = outs[-1], outs_i[-1]
             key = str(i)
             if key in self.ff_parsers:
                 m_x = outs[-1] = self.ff_parsers[key](m_x)  # m_x' = IFFT2(A ⊙ FFT2(m_x))
             if key in self.dce:
-                m_i = self.dce[key](m_x, m_i)  # eq. 3
-            skips += outs
+                m_i = outs_i[-1] = self.dce[key](m_x, m_i)  # eq. 3
+            skips += [a + b for a, b in zip(outs, outs_i)] if both else outs
             h_x, h_i = m_x, m_i
             if level_x.down is not None:
                 h_x = level_x.down(h_x)
                 h_i = level_i.down(h_i)
-                skips.append(h_x)
+                skips.append(h_x + h_i if both else h_x)
         h = self.middle(h_x + h_i, emb)  # D(E^x + E^I): bottleneck sum
         for level in self.decoder:
             h = level(h, skips, emb)

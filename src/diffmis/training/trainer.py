@@ -35,11 +35,52 @@ from diffmis.training.run_folder import Position, RunFolder
 from diffmis.training.validation import validate
 from diffmis.utils import autocast
 
-__all__ = ["train", "TrainResult", "TrainingError"]
+__all__ = ["train", "TrainResult", "TrainingError", "TrainingStopped"]
 
 
 class TrainingError(DiffmisError):
     """Training stopped (non-finite loss, ...); the message says why and what was saved."""
+
+
+class TrainingStopped(TrainingError):
+    """A signal (SIGTERM from ``docker stop``, Slurm, Kubernetes; SIGUSR1 from schedulers) stopped training after
+    ``last`` was saved; ``--resume`` continues. ``signum`` is the signal's number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class _Signalled(Exception):
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+class _SignalStop:
+    """While it is installed, SIGTERM and SIGUSR1 raise :class:`_Signalled` in the main thread (so the loop saves
+    ``last`` before it stops); :meth:`restore` puts the previous handlers back."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in ("SIGTERM", "SIGUSR1"):
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self.previous[sig] = signal.signal(sig, self._raise)
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise _Signalled(signum)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 @dataclass
@@ -154,7 +195,9 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
 
     # ---- method, optimizers, EMA, precision chosen for this device ----
     hw = resolve_for(tc.precision, tc.channels_last, device)
-    method = build(cfg).to(device)
+    method = build(cfg)
+    method.check_geometry(cfg)  # a size the networks cannot take fails here, not at the first forward pass
+    method = method.to(device)
     if hw.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if not resume:
@@ -165,7 +208,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
     ema = EMA(ema_mod, tc.ema_decay) if (ema_mod is not None and tc.ema_decay) else None
 
     # ---- the run folder: a new run, or the exact state of the last checkpoint ----
-    folder.start(cfg, resume)
+    changes = folder.start(cfg, resume, log if info.is_main else (lambda s: None))
     pos = Position()
     state_kw = dict(optimizers=list(stepper.optimizers.values()), scalers=list(stepper.scalers.values()), ema=ema,
                     generator=stepper.generator)
@@ -174,8 +217,10 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
         if info.world_size > 1:  # per-rank RNG states are not kept; derive them from the step
             stepper.generator.manual_seed(seed * 1009 + info.rank + pos.step * 7)
     distu.barrier()
-    metrics = folder.log
-    assert metrics is not None
+    metrics = folder.open_log(pos.step)
+    if changes and info.is_main:
+        log(f"resuming with changed settings: {', '.join(changes)}")
+        metrics.write({"step": pos.step, "phase": "resume", "changed": changes})
     batches = Batches(train_ds, tc.batch_size, seed, info.rank, info.world_size, cfg.data.num_workers,
                       epoch=pos.epoch, batch_in_epoch=pos.batch_in_epoch)
     if info.is_main:
@@ -214,6 +259,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
     window_n, window_imgs, window_t = 0, 0, time.time()
     total_imgs, loop_t0, start_step = 0, time.time(), pos.step
     stopped, last_val = "max_steps", {}
+    signals = _SignalStop()
     try:
         while pos.step < tc.max_steps:
             if tc.max_minutes is not None and (time.time() - loop_t0) / 60.0 >= tc.max_minutes:
@@ -265,7 +311,17 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
             log(f"\ninterrupted at step {pos.step}: saving {folder.checkpoints / 'last'}")
         checkpoint("last")
         raise
+    except _Signalled as sig:
+        import signal
+
+        name = signal.Signals(sig.signum).name
+        if info.is_main:
+            log(f"\n{name} at step {pos.step}: saving {folder.checkpoints / 'last'}")
+        checkpoint("last")
+        raise TrainingStopped(f"stopped by {name} at step {pos.step}; saved {folder.checkpoints / 'last'}; "
+                              f"--resume continues", sig.signum) from None
     finally:
+        signals.restore()
         if progress is not None:
             progress.close()
         folder.close()
