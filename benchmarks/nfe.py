@@ -63,22 +63,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: diffmis's)")
     ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS),
                     help="runs to measure (default: all of them that exist)")
+    ap.add_argument("--split", choices=["eval", "tune"], default="eval",
+                    help="tune: the runs of quality.py --split tune, scored on the split carved from training")
+    ap.add_argument("--variant", default="default", help="the quality.py variant whose runs are measured")
     ap.add_argument("--hidiff-ensemble-steps", type=int, default=1,
                     help="Bernoulli-DDIM steps of the HiDiff ensemble rows")
     args = ap.parse_args()
     from diffmis.hardware import set_threads
 
     threads = set_threads(args.threads).threads
-    tag = args.dataset
+    tag = args.dataset + ("_tune" if args.split == "tune" else "")
     work = Path(args.work) / tag
-    root, data_sets, eval_split, _ = data_setup(args.dataset, "eval", work)
+    root, data_sets, eval_split, _ = data_setup(args.dataset, args.split, work)
     cfg = load_config(f"segmentor_{args.dataset}", [f"data.root={root}", *data_sets])
     images, ref_dir, fov_dir = split_files(root, eval_split, work, cfg.data)
     images = images[: args.cases]
     k = cfg.data.num_classes
 
     def run_of(method: str) -> Path:  # quality.py names its runs <method>@<variant>
-        return work / "runs" / f"{method}@default"
+        return work / "runs" / f"{method}@{args.variant}"
 
     rows: list[dict[str, Any]] = []
 
@@ -133,6 +136,8 @@ def main() -> None:
 
     if set(args.methods) != set(ALL_METHODS):
         tag += "_" + "_".join(args.methods)
+    if args.variant != "default":
+        tag += f"@{args.variant}"
     png = REPO / "benchmarks" / "results" / f"nfe_{tag}.png"  # drawn by render.nfe_plot after the JSON
     # the headline: the best Dice within 10 network evaluations per image
     cheap = [r for r in rows if r["network_evals_per_image"] <= 10 and r["series"] != "segmentor"
@@ -142,6 +147,7 @@ def main() -> None:
         print(f"headline (<= 10 network evaluations): {headline}", flush=True)
     write_result(REPO / "benchmarks" / "results" / f"nfe_{tag}.json", {
         "benchmark": "nfe", "dataset": args.dataset, "command": " ".join(["python", *sys.argv]),
+        "split": args.split, "eval_split": eval_split, "variant": args.variant,
         "settings": {"cases": len(images), "ancestral_cases": args.ancestral_cases, "runs": str(work / "runs"),
                      "threads": threads},
         "rows": rows, "headline": headline, "plot": png.name, "machine": environment()})
