@@ -226,7 +226,7 @@ def main() -> None:
             sets = sets + [f"train.prior_run={seg['run_dir']}"]
         main_run = train_run(f"{m}_{args.dataset}", key, minutes * (1.0 - share), work, sets)
         runs.append({"phase": "method", **main_run})
-        row.update(runs=runs, steps=sum(r["steps"] for r in runs), images_seen=sum(r["images_seen"] for r in runs),
+        row.update(seg_share=share, runs=runs, steps=sum(r["steps"] for r in runs), images_seen=sum(r["images_seen"] for r in runs),
                    params=main_run["params"])
         kw = {} if args.ensemble is None or m == "segmentor" else {"ensemble": args.ensemble}
         row.update(predict_score(main_run["run_dir"], key, images, work, ref_dir, fov_dir, k, **kw))

@@ -42,6 +42,9 @@ OVERRIDES = (
     "model.params.channel_mult=[1, 1, 2, 2, 4]", "model.segmentor.params.features=[16, 16, 32, 64, 128, 16]",
     "train.lr_schedule=cosine", "train.warmup_steps=20", "train.ema_decay=0.99", "train.val_every=0",
     "train.ckpt_every=0", "train.log_every=10", "sample.ensemble=4", "sample.batch_size=16",
+    # the plan below was chosen on validation with the co-trained segmentor's own priors (the recipe's
+    # prior_noise came later, tuned at 128x128 with larger networks)
+    "diffusion.prior_noise=0.0",
 )
 #: the full plan (segmentor steps, then HiDiff steps) and the smallest one run at 96x96
 FULL_PLAN = (600, 200)
