@@ -80,6 +80,13 @@ def quality_table(data: dict[str, Any], variant: str = "default") -> str:
     return "\n".join(lines)
 
 
+def _overrides(r: dict[str, Any]) -> list[str]:
+    """The row's config overrides, and its segmentor phase as the quality.py option that made it."""
+    seg = [x for x in r.get("runs", []) if x.get("phase") == "segmentor"]
+    share = [f"--seg-share {seg[0]['minutes'] / r['budget_minutes']:g}"] if seg else []
+    return share + list(r.get("sets", []))
+
+
 def variants_table(data: dict[str, Any]) -> str:
     """The tuning rows of one dataset (``quality.py --split tune --variant``): each lever against its default."""
     lines = [f"Tuning split: {data['n_cases']} held-out training cases ({data['eval_split']}), "
@@ -92,7 +99,7 @@ def variants_table(data: dict[str, Any]) -> str:
         base = data["rows"].get(f"{r['method']}@default")
         diff = "" if base is None or r["variant"] == "default" else f"{r['dice_mean'] - base['dice_mean']:+.3f}"
         lines.append(f"| {LABEL.get(r['method'], r['method'])} | {r['variant']} | "
-                     f"{' '.join(f'`{x}`' for x in r.get('sets', [])) or '-'} | {_budget(r)} | {r['dice_mean']:.3f} | "
+                     f"{' '.join(f'`{x}`' for x in _overrides(r)) or '-'} | {_budget(r)} | {r['dice_mean']:.3f} | "
                      f"{_f(r.get('ece'), '.3f')} | {_f(r.get('error_auroc'), '.3f')} | {diff} |")
     return "\n".join(lines)
 
@@ -107,7 +114,7 @@ def targets_table(docs: dict[str, dict[str, Any]]) -> str:
             r = {x["method"]: x for x in d["rows"].values() if x["variant"] == "default"}
             try:
                 cells.append(fn(r))
-            except KeyError:
+            except (KeyError, ValueError):  # a method (or every diffusion method) not measured on this set
                 cells.append("n/a")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
@@ -261,7 +268,8 @@ def fill_readme(readme: Path) -> None:
     def table(m: "re.Match[str]") -> str:
         name = m.group(1)
         if name == "targets":
-            docs = {d: x for d in ("kvasir", "drive", "mni") if (x := _load(f"quality_{d}.json")) is not None}
+            docs = {d: x for d in ("kvasir", "drive", "mni")  # files of the current protocol (rows by method@variant)
+                    if (x := _load(f"quality_{d}.json")) is not None and isinstance(x.get("rows"), dict)}
             return f"<!-- render:targets -->\n{targets_table(docs)}\n<!-- /render -->" if docs else m.group(0)
         data = _load(name)
         if data is None:

@@ -27,26 +27,24 @@ def load_verb(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Ver
     return mod.add_arguments, mod.run
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (the message names the value)."""
+def _int_at_least(lo: int, text: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {text!r}") from None
+    if v < lo:
+        raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
     return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the message names the value)."""
+    return _int_at_least(1, text)
 
 
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0 (the message names the value)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+    return _int_at_least(0, text)
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
