@@ -251,6 +251,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self._cache: Optional[list[Raw]] = None
         if cache:
             self._cache = self._preload(root, workers)
+            if train and patch_size is not None:  # every size is known: a too-small image fails before step 0
+                small = [self._patch_problem(i, raw[1]) for i, raw in enumerate(self._cache)]
+                _raise_all(root, [msg for msg in small if msg])
 
     def _preload(self, root: str, workers: Optional[int]) -> list[Raw]:
         groups = self.source.groups()
@@ -292,15 +295,23 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Decoded (and resized) item before normalisation: ``(image, class-index map, fov or None)``."""
         return self._cache[i] if self._cache is not None else self.source.load(i)
 
+    def _patch_problem(self, i: int, labels: np.ndarray) -> Optional[str]:
+        """A message when item ``i`` is smaller than ``patch_size`` (padding would train on invented background)."""
+        assert self.patch_size is not None
+        h, w = labels.shape[-2:]
+        if h < self.patch_size[0] or w < self.patch_size[1]:
+            return (f"{self.source.ids[i]}: the image is {h}x{w}, smaller than data.patch_size="
+                    f"{list(self.patch_size)}; use a smaller data.patch_size, or data.image_size to resize every "
+                    "image first")
+        return None
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         image, labels, fov = self.raw(i)
         img = normalize_intensity(image, self.normalize, self.ct_window)
         if self.train and self.patch_size is not None:
-            h, w = labels.shape[-2:]
-            if h < self.patch_size[0] or w < self.patch_size[1]:  # padding would train on invented background
-                raise DataError(f"{self.source.ids[i]}: the image is {h}x{w}, smaller than data.patch_size="
-                                f"{list(self.patch_size)}; use a smaller data.patch_size, or data.image_size to "
-                                "resize every image first")
+            msg = self._patch_problem(i, labels)  # uncached datasets: checked as each item is read
+            if msg:
+                raise DataError(msg)
             img, labels, fov = random_patch(img, labels, fov, self.patch_size, self._generator())
         image_t = torch.from_numpy(np.ascontiguousarray(img))
         fov_t = None if fov is None else torch.from_numpy(fov.astype(np.float32))

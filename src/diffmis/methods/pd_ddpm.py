@@ -8,9 +8,9 @@ from the noised pre-segmentation of a separately trained segmentor at T' < T, so
 Training is MedSegDiff's denoising loss; the pre-segmentation network (``model.segmentor``) trains alongside
 with Dice + CE (term ``prior``), or comes frozen from a segmentor run (``train.prior_run``). With
 ``diffusion.recycle`` a fraction of each batch is noised from the pre-segmentation itself at t < T', the starts
-sampling sees (with ``diffusion.train_timesteps: sampler`` the very indices it visits), so the denoiser learns to correct the segmentor's mistakes. T' is
-``sample.start_step`` (``diffmis.sampling.propose_start_step`` gives the SNR rule of METHODS 4.3);
-``--start-step 0`` runs the same network from pure noise.
+sampling sees (with ``diffusion.train_timesteps: sampler`` the very indices it visits), so the denoiser learns
+to correct the segmentor's mistakes. T' is ``sample.start_step`` (``diffmis.sampling.propose_start_step``
+gives the SNR rule of METHODS 4.3); ``--start-step 0`` runs the same network from pure noise.
 """
 
 from __future__ import annotations
