@@ -22,8 +22,12 @@ from diffmis.utils import autocast
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 RECIPES = ("segmentor", "medsegdiff", "medsegdiff_v2", "pd_ddpm", "hidiff", "berdiff")
-DATASETS = {"mni": (1, 3), "kvasir": (3, 1), "drive": (3, 1)}  # in_channels, num_classes
-ALL = [f"{r}_{d}" for r in RECIPES for d in DATASETS]
+DATASETS = {"mni": (1, 3), "kvasir": (3, 1), "drive": (3, 1), "mni3d": (1, 3), "hippocampus": (1, 3),
+            "hippocampus2d": (1, 3)}  # in_channels, num_classes
+VOLUME_SETS = ("mni3d", "hippocampus")  # 3D runs: every recipe, with its 3D network sizes (base/<recipe>_3d)
+SLICE_RECIPES = ("segmentor", "pd_ddpm", "hidiff")  # hippocampus2d: the 2D baselines of the volume benchmark
+ALL = [f"{r}_{d}" for r in RECIPES for d in DATASETS if d != "hippocampus2d"] + \
+    [f"{r}_hippocampus2d" for r in SLICE_RECIPES]
 SHARED = Path(os.environ.get("DIFFMIS_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 
@@ -45,7 +49,8 @@ def test_recipes_compose_from_the_bases(name):
     """A shipped recipe names its bases (the CPU budget, the dataset, the method) and overrides little."""
     recipe, dataset = name.rsplit("_", 1)
     text = (CONFIGS / f"{name}.yaml").read_text()
-    assert f"base: [base/cpu, base/{dataset}, base/{recipe}]" in text
+    extra = f", base/{recipe}_3d" if dataset in VOLUME_SETS else ""
+    assert f"base: [base/cpu, base/{dataset}, base/{recipe}{extra}]" in text
     assert len([ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]) <= 8
 
 
@@ -82,6 +87,10 @@ def test_config_validates_and_builds(name):
         assert method.default_start_step == cfg.sample.start_step and cfg.sample.steps < cfg.sample.start_step
     if dataset == "drive":
         assert cfg.data.image_size is None and cfg.data.patch_size == (128, 128) and cfg.data.val_fraction > 0
+    elif dataset in VOLUME_SETS:
+        assert cfg.data.spatial_dims == 3 and cfg.data.image_size is None and len(cfg.data.patch_size) == 3
+        assert all(v % method_multiple(method) == 0 for v in cfg.data.patch_size)
+        assert all(getattr(m, "spatial_dims", 3) == 3 for m in method.modules())
     else:
         size = cfg.data.image_size
         assert size is not None and size[0] % method_multiple(method) == 0
@@ -124,6 +133,27 @@ def test_loss_on_a_random_batch(name):
     assert out.total.ndim == 0 and torch.isfinite(out.total)
     out.total.backward()
     assert any(p.grad is not None for p in method.parameters())
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_3d_loss_and_sampling_on_a_random_volume(recipe):
+    """The mni3d recipe (3D networks) computes a loss with gradients and samples a (B, K, X, Y, Z) mask."""
+    cfg = load_config(CONFIGS / f"{recipe}_mni3d.yaml")
+    torch.manual_seed(0)
+    method = build(cfg)
+    image = torch.rand(1, 1, 32, 32, 16)
+    labels = torch.randint(0, 3, (1, 32, 32, 16))
+    mask = torch.nn.functional.one_hot(labels, 3).permute(0, 4, 1, 2, 3).float()
+    gen = torch.Generator().manual_seed(0)
+    out = method.loss(image, mask, 0, gen)
+    assert out.total.ndim == 0 and torch.isfinite(out.total)
+    out.total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
+    method.eval()
+    with torch.no_grad():
+        res = method.sample(image, generator=gen, steps=2) if recipe not in ("segmentor", "hidiff") \
+            else method.sample(image, generator=gen)
+    assert res.probs.shape == (1, 3, 32, 32, 16) and bool(((res.probs >= 0) & (res.probs <= 1)).all())
 
 
 @pytest.mark.data

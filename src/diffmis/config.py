@@ -42,6 +42,8 @@ class _Section(BaseModel):
 
 
 Size2 = tuple[int, int]
+#: a spatial size: (H, W) for 2D runs, (X, Y, Z) in voxel order for 3D runs (``data.spatial_dims``)
+SizeN = Union[tuple[int, int], tuple[int, int, int]]
 
 
 def _as_size(v: Any) -> Any:
@@ -49,7 +51,7 @@ def _as_size(v: Any) -> Any:
         return v
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
-    if isinstance(v, (list, tuple)) and len(v) == 2:
+    if isinstance(v, (list, tuple)) and len(v) in (2, 3):
         if any(isinstance(x, int) and not isinstance(x, bool) and x < 1 for x in v):
             raise ValueError(f"sizes must be positive whole numbers of pixels, got {list(v)}")
         return tuple(v)
@@ -88,12 +90,19 @@ class DataConfig(_Section):
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    image_size: Optional[Size2] = (64, 64)
-    patch_size: Optional[Size2] = None
+    # 2: images (volumes are read slice by slice along slice_axis); 3: whole volumes, 3D networks, 3D patches
+    spatial_dims: Literal[2, 3] = 2
+    image_size: Optional[SizeN] = (64, 64)
+    patch_size: Optional[SizeN] = None
+    # 3D: voxel size (mm, voxel order) every volume is resampled to; None keeps each volume's own grid
+    spacing: Optional[tuple[float, float, float]] = None
+    # 3D: fraction of training patches centred on a random foreground voxel (the rest: uniform positions)
+    foreground_oversample: float = Field(0.33, ge=0, le=1)
     in_channels: int = Field(3, ge=1)
     num_classes: int = Field(1, ge=1)
     labels: Optional[list[int]] = None
-    normalize: Literal["minmax", "zscore", "ct_window", "none"] = "minmax"
+    # zscore_nonzero: z-score with the statistics of the non-zero voxels (MRI with a zero background)
+    normalize: Literal["minmax", "zscore", "zscore_nonzero", "ct_window", "none"] = "minmax"
     ct_window: Size2 = (-160, 240)
     slice_axis: int = Field(2, ge=0, le=2)
     # held-out fraction of the training ids used as validation when the val split file is missing (0: error)
@@ -104,6 +113,45 @@ class DataConfig(_Section):
     cache: bool = True
 
     _size = field_validator("image_size", "patch_size", mode="before")(_as_size)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sizes_per_axis(cls, data: Any) -> Any:
+        """A single number as a size means that many pixels (voxels) along every axis of the run."""
+        if isinstance(data, dict) and data.get("spatial_dims") == 3:
+            data = dict(data)
+            for key in ("image_size", "patch_size"):
+                v = data.get(key)
+                if isinstance(v, int) and not isinstance(v, bool):
+                    data[key] = (v, v, v)
+        return data
+
+    @model_validator(mode="after")
+    def _check_dims(self) -> "DataConfig":
+        n = self.spatial_dims
+        for key in ("image_size", "patch_size"):
+            v = getattr(self, key)
+            if v is not None and len(v) != n:
+                raise ValueError(f"data.{key}={list(v)} has {len(v)} entries but data.spatial_dims={n}; give {n} "
+                                 f"sizes ({'H, W' if n == 2 else 'X, Y, Z in voxel order'})")
+        if n == 3:
+            if self.image_size is not None:
+                raise ValueError("3D runs keep each volume on its own grid (data.spacing resamples it): set "
+                                 "data.image_size: null and train on patches (data.patch_size: [X, Y, Z])")
+            if self.patch_size is None:
+                raise ValueError("3D runs train on patches: set data.patch_size, e.g. [32, 48, 32]; prediction "
+                                 "slides a window of that size over each volume")
+            if self.kind == "synthetic":
+                raise ValueError("data.kind=synthetic makes 2D images; for a built-in 3D set use data.kind=mni")
+            if self.kind == "folder":
+                raise ValueError("3D runs read volumes from the nnU-Net raw layout (data.kind=nnunet) or the "
+                                 "built-in MNI volume (data.kind=mni)")
+        elif self.spacing is not None:
+            raise ValueError("data.spacing resamples volumes of 3D runs (data.spatial_dims=3); 2D runs resize "
+                             "with data.image_size")
+        if self.spacing is not None and any(s <= 0 for s in self.spacing):
+            raise ValueError(f"data.spacing must be positive millimetres, got {list(self.spacing)}")
+        return self
 
 
 class ComponentConfig(_Section):

@@ -68,15 +68,15 @@ def fuse(samples: torch.Tensor, method: FuseMethod = "mean", threshold: float = 
       same constant mask, so EM divides by zero) take the members' vote fraction instead.
 
     Args:
-        samples: (N, B, K, H, W) member probabilities in [0, 1].
+        samples: (N, B, K, *spatial) member probabilities in [0, 1] (2D or 3D).
         method: fusion rule.
         threshold: K = 1 binarisation threshold of the members for ``"staple"``.
 
     Returns:
         (B, K, H, W) float in [0, 1] on ``samples``' device.
     """
-    if samples.ndim != 5:
-        raise ValueError(f"samples must be (N, B, K, H, W), got shape {tuple(samples.shape)}")
+    if samples.ndim not in (5, 6):
+        raise ValueError(f"samples must be (N, B, K, H, W) or (N, B, K, X, Y, Z), got shape {tuple(samples.shape)}")
     if method == "mean":
         return samples.mean(dim=0)
     if method == "mean_squared":
@@ -126,7 +126,7 @@ def uncertainty_maps(samples: torch.Tensor) -> dict[str, torch.Tensor]:
     * ``"entropy"``: :func:`entropy_bits` of the member mean.
 
     Args:
-        samples: (N, B, K, H, W) member probabilities in [0, 1].
+        samples: (N, B, K, *spatial) member probabilities in [0, 1] (2D or 3D).
 
     Returns:
         ``{"variance": (B, 1, H, W), "entropy": (B, 1, H, W)}``.

@@ -355,13 +355,18 @@ def resolve_precision(requested: str, channels_last: Union[bool, str], device_ty
                     warning=warning)
 
 
-def resolve_for(requested: str, channels_last: Union[bool, str], device: Any) -> Resolved:
-    """:func:`resolve_precision` for a ``torch.device`` (or its name) on this machine."""
+def resolve_for(requested: str, channels_last: Union[bool, str], device: Any, spatial_dims: int = 2) -> Resolved:
+    """:func:`resolve_precision` for a ``torch.device`` (or its name) on this machine; 3D runs
+    (``spatial_dims=3``) keep the contiguous layout (channels-last is a 4-D memory format)."""
+    import dataclasses
+
     import torch
 
     dev = torch.device(device)
-    return resolve_precision(requested, channels_last, dev.type,
-                             cuda=cuda_info(dev) if dev.type == "cuda" else None)
+    out = resolve_precision(requested, channels_last, dev.type, cuda=cuda_info(dev) if dev.type == "cuda" else None)
+    if spatial_dims == 3 and out.channels_last:
+        out = dataclasses.replace(out, channels_last=False)
+    return out
 
 
 def machine_record() -> dict[str, Any]:

@@ -32,7 +32,8 @@ from typing import Any, Callable, Optional
 from diffmis.config import Config, load_config
 from diffmis.errors import ConfigError, InputError
 
-__all__ = ["QuickstartResult", "Plan", "plan_training", "run_quickstart", "quickstart_config", "MARKER"]
+__all__ = ["QuickstartResult", "Plan", "plan_training", "run_quickstart", "run_quickstart_3d", "quickstart_config",
+           "MARKER"]
 
 #: file that marks a folder as a quickstart output (and so replaceable by the next quickstart)
 MARKER = ".diffmis-quickstart"
@@ -74,6 +75,7 @@ class Plan:
     hidiff_step_s: float
     minutes: float
     note: str = ""
+    geometry: str = ""
 
     @property
     def steps(self) -> int:
@@ -81,7 +83,8 @@ class Plan:
 
     def describe(self) -> str:
         return (f"{self.segmentor_steps} segmentor steps ({self.segmentor_step_s:.2f} s each) + {self.hidiff_steps} "
-                f"HiDiff steps ({self.hidiff_step_s:.2f} s each) at {self.image_size}x{self.image_size}: about "
+                f"HiDiff steps ({self.hidiff_step_s:.2f} s each) at "
+                f"{self.geometry or f'{self.image_size}x{self.image_size}'}: about "
                 f"{self.minutes:.1f} min{'; ' + self.note if self.note else ''}")
 
 
@@ -121,13 +124,15 @@ def plan_training(budget_minutes: float, measure: Callable[[int], tuple[float, f
                 hidiff_step_s=hid_s, minutes=(p_steps * seg_s + h_steps * hid_s) / 60.0, note=note)
 
 
-def _measure_steps(data_root: Path, size: int, seed: int) -> tuple[float, float]:
+def _measure_steps(data_root: Path, size: int, seed: int, make: Optional[Callable[..., Config]] = None
+                   ) -> tuple[float, float]:
     """Seconds of one segmentor step and one HiDiff step at ``size``, through the real trainer (3 steps of each;
-    the first of each kind warms up and is left out)."""
+    the first of each kind warms up and is left out). ``make``: the config builder (default: the 2D one)."""
     from diffmis.training import train
 
+    make = make or quickstart_config
     with tempfile.TemporaryDirectory(prefix="diffmis-quickstart-") as tmp:
-        cfg = quickstart_config(data_root, Path(tmp), size, seed, (
+        cfg = make(data_root, Path(tmp), size, seed, (
             "train.max_steps=6", "train.pretrain_steps=3", "train.log_every=1", "train.progress=false",
             "train.warmup_steps=0"))
         train(cfg, Path(tmp) / "run", log=lambda s: None)
@@ -234,3 +239,125 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 5.0, seed: i
         f"total {seconds / 60:.1f} min")
     log(f"report: {report.resolve()}")
     return QuickstartResult(run_dir=run_dir, report=report, dice=dice, steps=result.step, seconds=seconds, plan=plan)
+
+
+# ======================================================================================================
+# 3D: ``diffmis quickstart --3d``
+# ======================================================================================================
+
+#: the 3D quickstart's changes to the shipped hidiff_mni3d recipe (the built-in slabs written as nnU-Net raw data)
+OVERRIDES_3D = (
+    "experiment.name=hidiff_mni3d", "data.kind=nnunet", "train.lr_schedule=cosine", "train.warmup_steps=20",
+    "train.ema_decay=0.99", "train.val_every=0", "train.ckpt_every=0", "train.log_every=10", "sample.ensemble=4",
+    "diffusion.prior_noise=0.0",
+)
+#: the full 3D plan (segmentor steps, then HiDiff steps) on patches of PATCH_3D
+FULL_PLAN_3D = (600, 200)
+PATCH_3D = (48, 48, 16)
+
+
+def quickstart_config_3d(data_root: Path, out_dir: Path, size: int = 0, seed: int = 0,
+                         extra: tuple[str, ...] = ()) -> Config:
+    """The 3D quickstart's config: the shipped ``hidiff_mni3d`` recipe with :data:`OVERRIDES_3D` reading
+    ``data_root`` (``size`` is unused: the patch is :data:`PATCH_3D`)."""
+    return load_config("hidiff_mni3d", [*OVERRIDES_3D, f"data.root={data_root}",
+                                        f"data.patch_size={list(PATCH_3D)}", f"experiment.output_dir={out_dir}",
+                                        f"experiment.seed={seed}", *extra])
+
+
+def run_quickstart_3d(out: str | Path = "quickstart3d", minutes: float = 5.0, seed: int = 0,
+                      plan: Optional[Plan] = None, log: Callable[[str], None] = print) -> QuickstartResult:
+    """The quickstart on volumes: the 3D MNI slabs (nnU-Net raw layout), HiDiff in 3D (3D UNet segmentor + 3D
+    BBDM refiner) trained on 48x48x16 patches for a plan sized to ``minutes``, the test volume predicted with
+    sliding windows by the segmentor alone and by HiDiff (NIfTI on the input's affine, uncertainty maps), scored
+    per volume in mm (Dice, IoU, HD95, ASSD), and the report. Same folder safety as :func:`run_quickstart`."""
+    if not minutes > 0:
+        raise ConfigError(f"--minutes must be > 0, got {minutes}")
+    from diffmis.data import write_mni3d
+    from diffmis.evaluation import evaluate_folders
+    from diffmis.hardware import cpu_info, resolve_for
+    from diffmis.inference import Predictor, predict_paths
+    from diffmis.report import write_report
+    from diffmis.training import train
+
+    t0 = time.time()
+    out = Path(out)
+    _prepare_out(out)
+    log(f"[1/5] building the 3D MNI brain-tissue volumes (2 mm slabs, nnU-Net raw layout) -> {out / 'data'}")
+    data_root = write_mni3d(out / "data")
+    import torch
+
+    res = resolve_for(quickstart_config_3d(data_root, out).train.precision, "auto", "cpu", 3)
+    log(f"[2/5] sizing the training to this machine: {cpu_info().summary()}, {torch.get_num_threads()} "
+        f"thread(s), {res.describe()}")
+    geometry = "x".join(str(v) for v in PATCH_3D) + " patches"
+    if plan is None:
+        def measure(size: int) -> tuple[float, float]:
+            return _measure_steps(data_root, size, seed, quickstart_config_3d)
+
+        full = Plan(0, *FULL_PLAN_3D, 0.0, 0.0, 0.0)
+        plan = _scale_plan(plan_training_like(minutes, measure, full), geometry)
+    log(f"      plan: {plan.describe()}")
+    cfg = quickstart_config_3d(data_root, out / "runs", 0, seed, (
+        f"train.max_steps={plan.steps}", f"train.pretrain_steps={plan.segmentor_steps}",
+        f"train.max_minutes={max(1.0, 2.0 * plan.minutes):.2f}"))
+    log(f"[3/5] training HiDiff in 3D (UNet segmentor + BBDM refiner, T=10): {plan.steps} steps")
+    result = train(cfg, out / "runs" / cfg.experiment.name)
+    run_dir = result.run_dir
+
+    log(f"[4/5] predicting the test volume(s) with sliding windows: segmentor alone, and HiDiff "
+        f"({cfg.sample.ensemble}-member ensemble + uncertainty)")
+    test_ids = [s.strip() for s in (data_root / "splits" / "test.txt").read_text().split() if s.strip()]
+    ref_dir, img_dir = out / "test_masks", out / "test_images"
+    ref_dir.mkdir()
+    img_dir.mkdir()
+    inputs = []
+    for cid in test_ids:
+        shutil.copy(data_root / "imagesTr" / f"{cid}_0000.nii.gz", img_dir / f"{cid}.nii.gz")
+        shutil.copy(data_root / "labelsTr" / f"{cid}.nii.gz", ref_dir / f"{cid}.nii.gz")
+        inputs.append(img_dir / f"{cid}.nii.gz")
+    pred_root = run_dir / "predictions"
+    timings: dict[str, Any] = {}
+    for name, kwargs in (("segmentor", {"segmentor_only": True}), ("hidiff", {})):
+        pred = Predictor.from_run(run_dir, checkpoint="last", **kwargs)
+        s = predict_paths(pred, inputs, pred_root / name, save_prob=True, save_uncertainty=(name == "hidiff"))
+        timings[name] = {"nfe_per_image": s.nfe_per_image, "seconds_per_image": s.seconds_per_image}
+
+    log("[5/5] evaluating per volume (mm) and writing the report")
+    dice: dict[str, float] = {}
+    for name in ("segmentor", "hidiff"):
+        ev = evaluate_folders(pred_root / name, ref_dir, num_classes=3, images_dir=img_dir,
+                              uncertainty_dir=(pred_root / name / "uncertainty") if name == "hidiff" else None,
+                              prob_dir=pred_root / name / "prob", out_dir=run_dir / "eval" / name)
+        dice[name] = float(ev.foreground_mean["Dice"])
+    report = write_report(run_dir)
+    seconds = time.time() - t0
+    log("")
+    log(f"{'method':<12}{'per-volume Dice (GM+WM mean)':>30}{'NFE/window':>12}{'s/volume':>10}")
+    for name in ("segmentor", "hidiff"):
+        tm = timings[name]
+        log(f"{name:<12}{dice[name]:>30.4f}{(tm['nfe_per_image'] or 0):>12.0f}"
+            f"{(tm['seconds_per_image'] or 0):>10.2f}")
+    log(f"\ntrained {result.step} steps on {geometry} in {result.seconds / 60:.1f} min; total {seconds / 60:.1f} min")
+    log(f"report: {report.resolve()}")
+    return QuickstartResult(run_dir=run_dir, report=report, dice=dice, steps=result.step, seconds=seconds, plan=plan)
+
+
+def plan_training_like(budget_minutes: float, measure: Callable[[int], tuple[float, float]], full: Plan) -> Plan:
+    """:func:`plan_training` for one fixed geometry and the full plan ``full`` (segmentor, HiDiff steps)."""
+    budget = budget_minutes * 60.0
+    seg_s, hid_s = measure(0)
+    total = full.segmentor_steps * seg_s + full.hidiff_steps * hid_s
+    scale = min(1.0, budget / total)
+    note = ""
+    if scale < MIN_SCALE:
+        scale, note = MIN_SCALE, f"this machine needs more than {budget_minutes:g} min for the smallest plan"
+    p, h = round(full.segmentor_steps * scale), round(full.hidiff_steps * scale)
+    return Plan(image_size=0, segmentor_steps=p, hidiff_steps=h, segmentor_step_s=seg_s, hidiff_step_s=hid_s,
+                minutes=(p * seg_s + h * hid_s) / 60.0, note=note)
+
+
+def _scale_plan(plan: Plan, geometry: str) -> Plan:
+    from dataclasses import replace
+
+    return replace(plan, geometry=geometry)

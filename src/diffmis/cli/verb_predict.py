@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uncertainty", action="store_true",
                    help="also write uncertainty maps (uncertainty/<id>.npy variance, entropy/<id>.npy in bits)")
     p.add_argument("--overwrite", action="store_true", help="recompute cases whose outputs already exist")
+    p.add_argument("--tta", action="store_true",
+                   help="mirror test-time augmentation: average over the flips of every subset of the spatial axes "
+                        "(4 passes per image in 2D, 8 per volume in 3D)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     pred = Predictor.from_run(args.run, checkpoint=args.checkpoint, device=device, steps=args.steps,
                               ensemble=args.ensemble, fuse=args.fuse, start_step=args.start_step,
                               sampler=args.sampler, precision=args.precision, batch_size=args.batch_size,
-                              prior=prior, seed=args.seed, segmentor_only=args.segmentor_only)
+                              prior=prior, seed=args.seed, segmentor_only=args.segmentor_only, tta=args.tta)
     if prior_dir is not None:
         from diffmis.errors import ConfigError
 

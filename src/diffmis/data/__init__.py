@@ -17,9 +17,9 @@ Public API:
 from diffmis.data.checks import DatasetReport, check_dataset
 from diffmis.data.datasets import SegmentationDataset, build_dataset, dataset_info
 from diffmis.data.io import (IMAGE_SUFFIXES, LABEL_SUFFIXES, NIFTI_SUFFIXES, file_stem, read_image, read_label_map,
-                             read_mask, read_volume, split_suffix, write_volume_like)
+                             read_mask, read_volume, split_suffix, volume_shape, write_volume_like)
 from diffmis.data.labels import LabelSpec
-from diffmis.data.mni import write_mni
+from diffmis.data.mni import write_mni, write_mni3d
 from diffmis.data.synthetic import synthetic_sample, write_synthetic
 from diffmis.data.transforms import Augmenter, normalize_intensity, resize_image, resize_labels
 
@@ -39,8 +39,10 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "LABEL_SUFFIXES",
     "read_volume",
+    "volume_shape",
     "write_volume_like",
     "write_mni",
+    "write_mni3d",
     "write_synthetic",
     "synthetic_sample",
     "Augmenter",

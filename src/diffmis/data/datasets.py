@@ -20,7 +20,13 @@ images as uint8, and again raises one DataError listing every file that fails to
 values: nothing can fail later in the run. Without the cache, items are decoded on access and such errors
 surface when the bad item is read.
 
-nnU-Net volumes are sliced along ``data.slice_axis`` in voxel order; each slice is one item with id
+3D runs (``data.spatial_dims: 3``): each item is a whole volume ``(C, X, Y, Z)`` in voxel order (nnU-Net NIfTI
+cases, or the built-in MNI slabs), resampled to ``data.spacing`` when set (MONAI ``Spacing``: trilinear
+images, nearest labels) and cached; it is normalised as a whole; training items are random patches of
+``data.patch_size`` (a share ``data.foreground_oversample`` centred on a foreground voxel, volumes smaller than
+the patch padded) with 3D augmentation (:class:`~diffmis.data.transforms.Augmenter3D`).
+
+2D runs: nnU-Net volumes are sliced along ``data.slice_axis`` in voxel order; each slice is one item with id
 ``<case>_s<NNNN>``, normalised on its own like a 2D image (as prediction does slice by slice).
 
 Randomness: augmentation and patch positions draw from a numpy Generator. The training loop seeds it per item
@@ -52,13 +58,16 @@ from diffmis.data.layouts import (
     resolve_split,
 )
 from diffmis.data.mni import CLASS_NAMES as MNI_CLASS_NAMES
-from diffmis.data.mni import mni_slices
+from diffmis.data.mni import mni_slices, mni_volumes
 from diffmis.data.synthetic import synthetic_sample
 from diffmis.data.transforms import (
     Augmenter,
+    Augmenter3D,
     NormalizeMode,
     normalize_intensity,
     random_patch,
+    random_patch_3d,
+    resample_volume,
     resize_image,
     resize_labels,
 )
@@ -69,6 +78,9 @@ __all__ = ["SegmentationDataset", "build_dataset", "dataset_info", "SYNTHETIC_DE
 #: in {0, 1} or None.
 Raw = tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]
 Size = Optional[tuple[int, int]]
+
+#: 3D training: at least this many random patches per epoch (every volume gives ``ceil(64 / volumes)``).
+PATCHES_PER_EPOCH = 64
 
 #: Image size of synthetic data when ``data.image_size`` is None.
 SYNTHETIC_DEFAULT_SIZE = (64, 64)
@@ -187,6 +199,30 @@ class _VolumeSource(_Source):
         return [self._slice(image, labels, self.items[i][1]) for i in group]
 
 
+class _Volume3DSource(_VolumeSource):
+    """nnU-Net NIfTI cases as whole volumes (3D runs), resampled to ``spacing`` when given."""
+
+    def __init__(self, cases: list[tuple[str, list[Path], Path]], spec: LabelSpec,
+                 spacing: Optional[Sequence[float]]) -> None:
+        self.cases = {c: (chans, label) for c, chans, label in cases}
+        self.ids = [c for c, _, _ in cases]
+        self.spec, self.target = spec, None if spacing is None else tuple(float(v) for v in spacing)
+
+    def load(self, i: int) -> Raw:
+        case = self.ids[i]
+        image, labels = self._read_case(case)
+        if self.target is not None:
+            spacing = volume_shape(self.cases[case][1])[1]
+            image, labels = resample_volume(image, labels, spacing, self.target)
+        return image, labels, None
+
+    def groups(self) -> list[list[int]]:
+        return [[i] for i in range(len(self.ids))]
+
+    def load_group(self, group: list[int]) -> list[Raw]:
+        return [self.load(i) for i in group]
+
+
 class _ArraySource(_Source):
     """In-memory images and class-index maps (built-in MNI slices)."""
 
@@ -237,12 +273,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
         cache: decode everything now (failing fast) and keep it in memory.
         root: dataset name used in error messages.
         workers: decoding threads for the cache (default: available cores, at most 8).
+        spatial_dims: 3 for whole volumes (3D patches with ``foreground`` oversampling, padded when a volume
+            is smaller than the patch).
+        foreground: share of 3D training patches centred on a foreground voxel.
     """
 
     def __init__(self, source: _Source, *, num_classes: int, normalize: NormalizeMode, ct_window: tuple[float, float],
                  train: bool, patch_size: Size = None, augment: Optional[Augmenter] = None, cache: bool = True,
-                 root: str = "<memory>", workers: Optional[int] = None) -> None:
+                 root: str = "<memory>", workers: Optional[int] = None, spatial_dims: int = 2,
+                 foreground: float = 0.33) -> None:
         self.source = source
+        self.spatial_dims, self.foreground = spatial_dims, foreground
         self.num_classes, self.normalize, self.ct_window = num_classes, normalize, ct_window
         self.train, self.patch_size = train, patch_size
         self.augment = augment if (augment is not None and augment.active) else None
@@ -251,7 +292,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self._cache: Optional[list[Raw]] = None
         if cache:
             self._cache = self._preload(root, workers)
-            if train and patch_size is not None:  # every size is known: a too-small image fails before step 0
+            if train and patch_size is not None and spatial_dims == 2:  # every size is known: a too-small image fails before step 0
                 small = [self._patch_problem(i, raw[1]) for i, raw in enumerate(self._cache)]
                 _raise_all(root, [msg for msg in small if msg])
 
@@ -278,7 +319,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return list(self.source.ids)
 
     def __len__(self) -> int:
-        return len(self.source.ids)
+        n = len(self.source.ids)
+        if self.spatial_dims == 3 and self.train and self.patch_size is not None and n:
+            return n * max(1, -(-PATCHES_PER_EPOCH // n))  # an epoch of random patches, each volume equally often
+        return n
 
     def set_item_seed(self, seed: int) -> None:
         """Seed the generator used for the next item(s) (the training loop calls this per item)."""
@@ -306,8 +350,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        i = i % len(self.source.ids)  # 3D training: several patches per volume and epoch
         image, labels, fov = self.raw(i)
         img = normalize_intensity(image, self.normalize, self.ct_window)
+        if self.spatial_dims == 3:
+            return self._item_3d(i, img, labels)
         if self.train and self.patch_size is not None:
             msg = self._patch_problem(i, labels)  # uncached datasets: checked as each item is read
             if msg:
@@ -323,6 +370,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if fov_t is not None:
             out["fov"] = fov_t.unsqueeze(0)
         return out
+
+
+    def _item_3d(self, i: int, img: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+        if self.train and self.patch_size is not None:
+            img, labels = random_patch_3d(img, labels, self.patch_size, self._generator(), self.foreground)
+        image_t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
+        if self.train and self.augment is not None:
+            image_t, labels_t, _ = self.augment(image_t, torch.from_numpy(labels.astype(np.int64)), None,
+                                                self._generator())
+            labels = labels_t.numpy()
+        return {"image": image_t, "mask": one_hot(labels, self.num_classes, dim=0), "id": self.source.ids[i]}
 
 
 def _canonical_split(cfg: DataConfig, split: str) -> str:
@@ -377,6 +435,10 @@ def _folder_source(cfg: DataConfig, split: str) -> tuple[_Source, str]:
                              cfg.in_channels, cfg.image_size), str(root)
     pairs = [(c, index.train[c], index.train_labels[c]) if c in index.train
              else (c, index.test[c], index.test_labels[c]) for c in ids]
+    if cfg.spatial_dims == 3:
+        if index.is_2d:
+            raise ConfigError(f"{root} holds 2D images ({index.file_ending}); data.spatial_dims=3 needs NIfTI volumes")
+        return _Volume3DSource(pairs, spec, cfg.spacing), str(root)
     if index.is_2d:
         return _FolderSource(ids, [p[1] for p in pairs], [p[2] for p in pairs], [None] * len(ids), spec,
                              cfg.in_channels, cfg.image_size), str(root)
@@ -414,6 +476,16 @@ def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> SegmentationDa
         n = (cfg.synthetic.n_train, cfg.synthetic.n_val, cfg.synthetic.n_test)[code]
         size = cfg.image_size or SYNTHETIC_DEFAULT_SIZE
         source = _SyntheticSource(code, n, size, cfg.num_classes, cfg.in_channels, cfg.synthetic.seed, name)
+    elif cfg.kind == "mni" and cfg.spatial_dims == 3:
+        _mni_spec(cfg)
+        name = _canonical_split(cfg, split)
+        vols = mni_volumes()
+        idx = list(vols.splits[name])
+        images, labels = vols.images[idx], vols.labels[idx]
+        if cfg.spacing is not None:
+            pairs = [resample_volume(im[None], lab, vols.spacing, cfg.spacing) for im, lab in zip(images, labels)]
+            images, labels = np.stack([p[0][0] for p in pairs]), np.stack([p[1] for p in pairs])
+        source = _ArraySource([vols.ids[i] for i in idx], images, labels, None)
     elif cfg.kind == "mni":
         _mni_spec(cfg)
         name = _canonical_split(cfg, split)
@@ -422,11 +494,14 @@ def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> SegmentationDa
         source = _ArraySource([data.ids[i] for i in idx], data.images[idx], data.labels[idx], cfg.image_size)
     else:
         source, root = _folder_source(cfg, split)
-    augment = Augmenter(cfg.augment) if train else None
+    augment: Any = None
+    if train:
+        augment = Augmenter3D(cfg.augment) if cfg.spatial_dims == 3 else Augmenter(cfg.augment)
     return SegmentationDataset(source, num_classes=cfg.num_classes, normalize=cfg.normalize,
                                ct_window=cfg.ct_window, train=train, patch_size=cfg.patch_size if train else None,
                                augment=augment, cache=cfg.cache, root=root,
-                               workers=cfg.num_workers or None)
+                               workers=cfg.num_workers or None, spatial_dims=cfg.spatial_dims,
+                               foreground=cfg.foreground_oversample)
 
 
 def dataset_info(cfg: DataConfig) -> dict[str, Any]:
@@ -441,7 +516,8 @@ def dataset_info(cfg: DataConfig) -> dict[str, Any]:
     info: dict[str, Any] = {"kind": cfg.kind, "root": cfg.root, "in_channels": cfg.in_channels,
                             "num_classes": cfg.num_classes, "label_values": cfg.labels,
                             "image_size": list(cfg.image_size) if cfg.image_size else None,
-                            "patch_size": list(cfg.patch_size) if cfg.patch_size else None, "has_fov": False}
+                            "patch_size": list(cfg.patch_size) if cfg.patch_size else None, "has_fov": False,
+                            "spatial_dims": cfg.spatial_dims}
     default_names = ["background"] + (["foreground"] if cfg.num_classes == 1
                                       else [f"class {k}" for k in range(1, cfg.num_classes)])
     info["class_names"] = default_names
@@ -451,7 +527,7 @@ def dataset_info(cfg: DataConfig) -> dict[str, Any]:
         s = cfg.synthetic
         splits = dict(zip(names, (s.n_train, s.n_val, s.n_test)))
     elif cfg.kind == "mni":
-        data = mni_slices()
+        data = mni_volumes() if cfg.spatial_dims == 3 else mni_slices()
         splits = {n: len(data.splits[c]) for n, c in zip(names, ("train", "val", "test"))}
         info["class_names"] = list(MNI_CLASS_NAMES)
     else:
@@ -463,7 +539,7 @@ def dataset_info(cfg: DataConfig) -> dict[str, Any]:
                                   test_split=cfg.test_split, val_fraction=cfg.val_fraction)
             except DataError:
                 continue
-            if isinstance(index, NnunetIndex) and not index.is_2d:
+            if isinstance(index, NnunetIndex) and not index.is_2d and cfg.spatial_dims == 2:
                 splits[name] = sum(volume_shape(index.train[c][0] if c in index.train else index.test[c][0])[0]
                                    [cfg.slice_axis] for _, c in r.ids if c in index.train or c in index.test)
             else:

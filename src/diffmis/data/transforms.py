@@ -25,7 +25,7 @@ Augmentation (``AugmentConfig``), each part applied independently with probabili
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from diffmis.errors import DataError
 from PIL import Image
 
 __all__ = [
+    "resample_volume",
+    "random_patch_3d",
+    "Augmenter3D",
     "resize_image",
     "resize_labels",
     "normalize_intensity",
@@ -43,7 +46,7 @@ __all__ = [
     "NormalizeMode",
 ]
 
-NormalizeMode = Literal["minmax", "zscore", "ct_window", "none"]
+NormalizeMode = Literal["minmax", "zscore", "zscore_nonzero", "ct_window", "none"]
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -118,6 +121,13 @@ def normalize_intensity(
         std = x.std(axis=axes, keepdims=True)
         x -= mean
         x /= np.where(std > 1e-8, std, 1.0)
+    elif mode == "zscore_nonzero":
+        for c in range(x.shape[0]):  # statistics of the non-zero voxels; the zero background stays 0
+            inside = x[c] != 0
+            if inside.any():
+                vals = x[c][inside]
+                mean, std = float(vals.mean()), float(vals.std())
+                x[c][inside] = (vals - mean) / (std if std > 1e-8 else 1.0)
     elif mode == "ct_window":
         lo, hi = float(ct_window[0]), float(ct_window[1])
         if hi <= lo:
@@ -265,3 +275,132 @@ class Augmenter:
         labels = masks[0].round().long()
         fov = None if fov is None else masks[1]
         return image.contiguous(), labels.contiguous(), None if fov is None else fov.contiguous()
+
+
+# ======================================================================================================
+# 3D: resampling to a voxel size, foreground-weighted patches, augmentation (MONAI transforms)
+# ======================================================================================================
+
+
+def resample_volume(image: np.ndarray, labels: Optional[np.ndarray], spacing: Sequence[float],
+                    target: Sequence[float]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Resample a volume (and its label map) from voxel size ``spacing`` to ``target`` with MONAI's ``Spacing``.
+
+    Args:
+        image: ``(C, X, Y, Z)`` intensities (any real dtype).
+        labels: ``(X, Y, Z)`` class indices, or None.
+        spacing: the volume's voxel size (mm) along X, Y, Z.
+        target: the wanted voxel size.
+
+    Returns:
+        ``(C, X', Y', Z')`` float32 (trilinear) and ``(X', Y', Z')`` uint8/int (nearest) on the same grid;
+        the inputs themselves when the spacings already agree (to 1e-3 mm).
+    """
+    if np.allclose(spacing, target, atol=1e-3):
+        return image, labels
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing
+
+    affine = torch.diag(torch.tensor([*map(float, spacing), 1.0], dtype=torch.float64))
+    img = Spacing(pixdim=tuple(target), mode="bilinear")(MetaTensor(torch.from_numpy(image.astype(np.float32)),
+                                                                     affine=affine))
+    out_img = np.ascontiguousarray(img.as_tensor().numpy())
+    if labels is None:
+        return out_img, None
+    lab = Spacing(pixdim=tuple(target), mode="nearest")(MetaTensor(torch.from_numpy(labels[None].astype(np.float32)),
+                                                                   affine=affine))
+    out_lab = np.rint(lab.as_tensor().numpy()[0]).astype(labels.dtype)
+    return out_img, np.ascontiguousarray(out_lab)
+
+
+def random_patch_3d(image: np.ndarray, labels: np.ndarray, patch: Sequence[int], rng: np.random.Generator,
+                    foreground: float) -> tuple[np.ndarray, np.ndarray]:
+    """Cut one random ``patch`` out of a volume; with probability ``foreground`` it is centred on a random
+    foreground voxel (nnU-Net's oversampling), else its position is uniform.
+
+    A volume smaller than the patch along an axis is zero-padded at both ends of that axis (background for the
+    labels), as sliding-window prediction pads it.
+
+    Args:
+        image: ``(C, X, Y, Z)`` float array (normalised).
+        labels: ``(X, Y, Z)`` class-index map.
+        patch: ``(px, py, pz)``.
+        rng: random source.
+        foreground: probability of a foreground-centred patch (volumes without foreground get a uniform one).
+
+    Returns:
+        ``(C, px, py, pz)`` and ``(px, py, pz)`` arrays.
+    """
+    patch = [int(p) for p in patch]
+    extra = [max(0, p - d) for p, d in zip(patch, labels.shape)]
+    if any(extra):
+        pads = [(e // 2, e - e // 2) for e in extra]
+        image = np.pad(image, [(0, 0)] + pads)
+        labels = np.pad(labels, pads)
+    shape = labels.shape
+    centre = None
+    if foreground > 0 and rng.random() < foreground:
+        fg = np.flatnonzero(labels)
+        if fg.size:
+            centre = np.unravel_index(int(fg[rng.integers(fg.size)]), shape)
+    if centre is None:
+        starts = [int(rng.integers(d - p + 1)) for d, p in zip(shape, patch)]
+    else:
+        starts = [min(max(int(c) - p // 2, 0), d - p) for c, p, d in zip(centre, patch, shape)]
+    sl = tuple(slice(a, a + p) for a, p in zip(starts, patch))
+    return image[(slice(None), *sl)], labels[sl]
+
+
+class Augmenter3D:
+    """3D augmentation with MONAI's dictionary transforms, applied identically to the volume and its labels.
+
+    ``AugmentConfig`` keys, each applied with probability ``prob``: ``flip`` (each axis independently),
+    ``rotate90`` (k x 90 degrees in the X-Y plane, k in {1, 2, 3}; k = 2 where X != Y), ``rotate_degrees`` and
+    ``scale_range`` (one random affine: rotations about the three axes uniform in [-d, d], zoom in [1 - s,
+    1 + s]; trilinear for the image, nearest for the labels, zero padding), ``intensity`` (``x * c + b`` as in
+    2D). ``affine`` (shear) and ``color_jitter`` are 2D-only and ignored here.
+
+    Randomness: MONAI's own generators are reseeded from the caller's numpy Generator on every call, so an item
+    is a pure function of (stored data, generator state), as in 2D.
+    """
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        from monai.transforms import Compose, RandAffined, RandFlipd
+
+        self.cfg = cfg
+        keys = ("image", "label")
+        parts: list = []
+        if cfg.flip:
+            parts += [RandFlipd(keys, prob=cfg.prob, spatial_axis=a) for a in range(3)]
+        if cfg.rotate_degrees > 0 or cfg.scale_range > 0:
+            r = float(np.deg2rad(cfg.rotate_degrees))
+            parts.append(RandAffined(keys, prob=cfg.prob, rotate_range=(r, r, r) if r > 0 else None,
+                                     scale_range=(cfg.scale_range,) * 3 if cfg.scale_range > 0 else None,
+                                     mode=("bilinear", "nearest"), padding_mode="zeros"))
+        self.spatial = Compose(parts) if parts else None
+
+    @property
+    def active(self) -> bool:
+        """Whether any 3D augmentation is enabled (and can fire: ``prob > 0``)."""
+        return bool((self.spatial is not None or self.cfg.rotate90 or self.cfg.intensity > 0) and self.cfg.prob > 0)
+
+    def __call__(self, image: torch.Tensor, labels: torch.Tensor, fov: Optional[torch.Tensor],
+                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Augment one ``(C, X, Y, Z)`` float32 volume and its ``(X, Y, Z)`` int64 labels (``fov`` is passed
+        through); returns the same shapes and dtypes (``rotate90`` keeps the shape: k = 2 where X != Y)."""
+        if self.spatial is not None:
+            self.spatial.set_random_state(seed=int(rng.integers(2**31 - 1)))
+            out = self.spatial({"image": image, "label": labels[None].float()})
+            image = torch.as_tensor(out["image"]).as_subclass(torch.Tensor).float()
+            labels = torch.as_tensor(out["label"]).as_subclass(torch.Tensor)[0].round().long()
+            if tuple(labels.shape) != tuple(image.shape[1:]):
+                raise DataError(f"3D augmentation changed the volume shape to {tuple(image.shape[1:])}")
+        c = self.cfg
+        if c.rotate90 and rng.random() < c.prob:
+            k = int(rng.integers(1, 4)) if image.shape[1] == image.shape[2] else 2  # keep the shape
+            image, labels = torch.rot90(image, k, (1, 2)), torch.rot90(labels, k, (0, 1))
+        if c.intensity > 0 and rng.random() < c.prob:
+            gain = rng.uniform(1.0 - c.intensity, 1.0 + c.intensity)
+            bias = rng.uniform(-c.intensity, c.intensity)
+            image = image * float(gain) + float(bias)
+        return image.contiguous(), labels.contiguous(), fov

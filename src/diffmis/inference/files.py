@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 import numpy as np
 
 from diffmis.data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, file_stem, read_image, read_label_map, read_volume, \
-    write_volume_like
+    volume_shape, write_volume_like
 from diffmis.errors import DiffmisError, InputError
 from diffmis.inference.predictor import Prediction, Predictor
 from diffmis.utils import atomic_write_bytes, write_json
@@ -332,6 +332,9 @@ def predict_paths(predictor: Predictor, inputs: Sequence[Union[PathLike, InputCa
         try:
             prior = _prior_for(case, priors, Path(prior_dir) if prior_dir else None)
             if case.kind == "image":
+                if predictor.spatial_dims == 3:
+                    raise InputError(f"{case.name}: a 2D image; this 3D run (data.spatial_dims=3) segments volumes "
+                                     "(NIfTI or DICOM)")
                 image = read_image(case.paths[0])
                 image = predictor.fit_channels(image, case.name)
                 if pending and same_size_needed and image.shape[1:] != pending[0][1].shape[1:]:
@@ -345,7 +348,8 @@ def predict_paths(predictor: Predictor, inputs: Sequence[Union[PathLike, InputCa
             axis = predictor.cfg.data.slice_axis
             if case.kind == "nifti":
                 data = _read_nifti_case(case)
-                pred = predictor.predict_volume(data, axis, case.name, prior_mask=prior)
+                spacing = volume_shape(case.paths[0])[1]
+                pred = predictor.predict_volume(data, axis, case.name, prior_mask=prior, spacing=spacing)
                 writer.maps(case, pred)
                 slices = np.moveaxis(pred.label, axis, 0)
                 writer.volume(writer.mask(case),
@@ -354,7 +358,8 @@ def predict_paths(predictor: Predictor, inputs: Sequence[Union[PathLike, InputCa
                 import SimpleITK as sitk
 
                 img, data = _read_dicom(case.paths[0])
-                pred = predictor.predict_volume(data, axis, case.name, prior_mask=prior)
+                pred = predictor.predict_volume(data, axis, case.name, prior_mask=prior,
+                                                spacing=tuple(float(v) for v in img.GetSpacing()))
                 writer.maps(case, pred)
                 lab = sitk.GetImageFromArray(np.transpose(pred.label, (2, 1, 0)).astype(
                     np.uint8 if k <= 256 else np.int32))

@@ -79,6 +79,8 @@ class Predictor:
             start the chain at ``start_step``; None uses prior masks given per call, else the method's own
             pre-segmentation network (PD-DDPM runs).
         seed: seed of the sampling noise (one generator per network batch).
+        tta: mirror test-time augmentation: average the outputs over the flips of every subset of the spatial
+            axes (4 passes in 2D, 8 in 3D).
 
     Raises:
         ConfigError: a setting that does not fit the run (a sampler of another family, steps or start step out
@@ -88,7 +90,8 @@ class Predictor:
     def __init__(self, method: Method, cfg: Config, *, device: Optional[Union[str, torch.device]] = None,
                  steps: Optional[int] = None, ensemble: Optional[int] = None, fuse: Optional[str] = None,
                  start_step: Optional[int] = None, sampler: Optional[str] = None, precision: Optional[str] = None,
-                 batch_size: Optional[int] = None, prior: Optional["Predictor"] = None, seed: int = 0) -> None:
+                 batch_size: Optional[int] = None, prior: Optional["Predictor"] = None, seed: int = 0,
+                 tta: bool = False) -> None:
         if device is not None:
             method = method.to(torch.device(device))
         self.method = method.eval()
@@ -99,6 +102,8 @@ class Predictor:
         self.threshold = cfg.sample.threshold
         self.eta = cfg.sample.eta
         self.seed = seed
+        self.tta = bool(tta)
+        self.spatial_dims = cfg.data.spatial_dims
 
         self.ensemble = cfg.sample.ensemble if ensemble is None else int(ensemble)
         if self.ensemble < 1:
@@ -115,7 +120,8 @@ class Predictor:
         if requested == "fp16" and self.device.type == "cpu":
             requested = "fp32"  # CPU fp16 autocast is slow and gains nothing at inference
         # precision and layout are chosen for the device that predicts, not the one that trained (diffmis.hardware)
-        self.resolved = resolve_for(requested, cfg.train.channels_last if precision is None else "auto", self.device)
+        self.resolved = resolve_for(requested, cfg.train.channels_last if precision is None else "auto", self.device,
+                                    cfg.data.spatial_dims)
         self.precision = self.resolved.precision
         if self.resolved.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
@@ -282,17 +288,31 @@ class Predictor:
         return {"probability": res.probability.float(), "mean": res.mean.float(), "variance": res.variance.float()}
 
     def _forward(self, image: torch.Tensor, prior: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """(B, C, h, w) [+ (B, K, h, w)] at the working size -> the named outputs at (h, w), on the CPU."""
+        """(B, C, *spatial) [+ (B, K, *spatial)] at the working size -> the named outputs at that size, on the
+        CPU; with mirror test-time augmentation (``tta``) the mean over the flips of every spatial axis subset."""
+        if not self.tta:
+            return self._forward_once(image, prior)
+        nd = image.dim() - 2
+        total: dict[str, torch.Tensor] = {}
+        flips = [tuple(2 + a for a in range(nd) if (mask >> a) & 1) for mask in range(2 ** nd)]
+        for dims in flips:
+            flip = (lambda t: t.flip(dims)) if dims else (lambda t: t)
+            out = self._forward_once(flip(image), None if prior is None else flip(prior))
+            for k, v in out.items():
+                total[k] = total[k] + flip(v) if k in total else flip(v)
+        return {k: v / len(flips) for k, v in total.items()}
+
+    def _forward_once(self, image: torch.Tensor, prior: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
         image = image.to(self.device)
         prior = prior.to(self.device) if prior is not None else None
-        h, w = image.shape[-2:]
+        spatial = tuple(image.shape[2:])
         if self.inferer is not None:
             size = self.patch_size
         elif self.image_size is None:
             m = _NATIVE_MULTIPLE
-            size = (-(-h // m) * m, -(-w // m) * m)
+            size = tuple(-(-d // m) * m for d in spatial)
         else:
-            size = (h, w)
+            size = spatial
         image = pad_to(image, size)
         if prior is not None:
             prior = pad_to(prior, size)
@@ -300,7 +320,8 @@ class Predictor:
             out = self.inferer(image, self._members, prior=prior)
         else:
             out = self._members(image, None, prior)
-        return {k: v[..., :h, :w].float().cpu() for k, v in out.items()}
+        crop = (Ellipsis, *(slice(0, d) for d in spatial))
+        return {k: v[crop].float().cpu() for k, v in out.items()}
 
     # ---- public --------------------------------------------------------------------------------------------
 
@@ -315,6 +336,9 @@ class Predictor:
         if n == 0:
             return []
         sources = list(sources) if sources is not None else [f"<array {i}>" for i in range(n)]
+        if self.spatial_dims == 3:
+            raise InputError(f"{sources[0]}: this is a 3D run (data.spatial_dims=3); it segments whole volumes "
+                             "(NIfTI or DICOM, or Predictor.predict_volume), not 2D images")
         priors: list[Optional[np.ndarray]] = list(prior_masks) if prior_masks is not None else [None] * n
         given = [p is not None for p in priors]
         if any(given) and not all(given):
@@ -365,20 +389,28 @@ class Predictor:
 
     def predict_volume(self, volume: np.ndarray, axis: Optional[int] = None, source: str = "<volume>",
                        prior_mask: Optional[np.ndarray] = None,
-                       progress: Optional[Callable[[int], None]] = None) -> Prediction:
-        """Segment a (C, X, Y, Z) or (X, Y, Z) volume slice by slice along ``axis`` (spatial axis 0..2;
-        default ``data.slice_axis``), ``batch_size`` slices per network batch; each slice is normalised on
-        its own, as training does. ``prior_mask``: optional (X, Y, Z) label volume. Returns (X, Y, Z) maps
-        and (K, X, Y, Z) probabilities."""
-        axis = self.cfg.data.slice_axis if axis is None else axis
+                       progress: Optional[Callable[[int], None]] = None,
+                       spacing: Optional[Sequence[float]] = None) -> Prediction:
+        """Segment a (C, X, Y, Z) or (X, Y, Z) volume.
+
+        2D runs: slice by slice along ``axis`` (spatial axis 0..2; default ``data.slice_axis``), ``batch_size``
+        slices per network batch; each slice is normalised on its own, as training does. 3D runs: the whole
+        volume, normalised as a whole, resampled to the run's ``data.spacing`` (which needs ``spacing``, the
+        volume's voxel size in mm), segmented by sliding windows of ``data.patch_size`` (``batch_size`` windows
+        per network call, Gaussian blending, outputs accumulated on the CPU) and resampled back. ``prior_mask``:
+        optional (X, Y, Z) label volume. Returns (X, Y, Z) maps and (K, X, Y, Z) probabilities."""
         vol = np.asarray(volume)
         if vol.ndim == 3:
             vol = vol[None]
         if vol.ndim != 4:
             raise InputError(f"{source}: expected a (C, X, Y, Z) or (X, Y, Z) volume, got shape {volume.shape}")
+        vol = self.fit_channels(vol, source) if self.spatial_dims == 3 else vol
         self.check_channels(vol.shape[0], source)
         if prior_mask is not None and tuple(np.shape(prior_mask)) != vol.shape[1:]:
             raise InputError(f"{source}: the prior mask is {tuple(np.shape(prior_mask))}, the volume {vol.shape[1:]}")
+        if self.spatial_dims == 3:
+            return self._predict_volume_3d(vol, source, prior_mask, spacing)
+        axis = self.cfg.data.slice_axis if axis is None else axis
         slices = np.moveaxis(vol, 1 + axis, 1)  # (C, S, A, B)
         pri = None if prior_mask is None else np.moveaxis(np.asarray(prior_mask), axis, 0)
         n = slices.shape[1]
@@ -398,3 +430,43 @@ class Predictor:
 
         return Prediction(label=stack("label", axis), probability=stack("probability", 1 + axis),
                           variance=stack("variance", axis), entropy=stack("entropy", axis), nfe=nfe)
+
+    def _predict_volume_3d(self, vol: np.ndarray, source: str, prior_mask: Optional[np.ndarray],
+                           spacing: Optional[Sequence[float]]) -> Prediction:
+        """The 3D-run path of :meth:`predict_volume` (``vol``: (C, X, Y, Z) raw intensities)."""
+        from diffmis.data.transforms import resample_volume
+
+        if vol.dtype.kind == "f" and not np.isfinite(vol).all():
+            raise InputError(f"{source}: the volume holds NaN or infinite values; nothing was predicted for it")
+        target = self.cfg.data.spacing
+        shape = tuple(vol.shape[1:])
+        resampled = False
+        lab = None if prior_mask is None else self._prior_classes(prior_mask, source)
+        if target is not None:
+            if spacing is None:
+                raise InputError(f"{source}: the run resamples volumes to data.spacing={list(target)} mm; give the "
+                                 "volume's voxel size (spacing=...), or predict from a NIfTI/DICOM file")
+            new, lab = resample_volume(vol.astype(np.float32, copy=False), lab, spacing, target)
+            resampled = new.shape[1:] != shape
+            vol = new
+        arr = normalize_intensity(vol, self.cfg.data.normalize, tuple(self.cfg.data.ct_window))
+        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
+        prior = None
+        if lab is not None:
+            prior = one_hot(lab, self.num_classes, dim=0)[None]
+        elif self.prior is not None:
+            prior_pred = self.prior.predict_volume(vol, None, source, spacing=target)  # same grid as ``vol``
+            prior = one_hot(prior_pred.label, self.num_classes, dim=0)[None]
+        if self.start_step is not None and prior is None and not self.method.own_prior:
+            raise InputError(f"{source}: start step {self.start_step} needs a prior (prior masks or a prior run, "
+                             "--prior): this run has no pre-segmentation network")
+        self._nfe = 0
+        o = self._forward(x, prior)
+        if resampled:  # back to the input's grid
+            o = {k: F.interpolate(v, size=shape, mode="trilinear", align_corners=False) for k, v in o.items()}
+        prob = o["probability"].clamp(0.0, 1.0)
+        entropy = entropy_bits(o["mean"].clamp(0.0, 1.0))
+        return Prediction(label=hard_labels(prob, self.threshold)[0].numpy(), probability=prob[0].numpy(),
+                          variance=o["variance"].clamp_min(0.0)[0, 0].numpy(), entropy=entropy[0, 0].numpy(),
+                          nfe=self._nfe)
+

@@ -241,7 +241,7 @@ class Method(nn.Module):
             size = getattr(cfg.data, key)
             if size is None:
                 continue
-            if size[0] % m or size[1] % m:
+            if any(v % m for v in size):
                 up = [s + (-s) % m for s in size]
                 down = [s - s % m for s in size]
                 hint = f"{down} or {up}" if all(down) else f"{up}"
@@ -286,12 +286,20 @@ def register(name: str, *aliases: str) -> Callable[[type[Method]], type[Method]]
 # ======================================================================================================
 
 
-def build_segmentor(name: str, params: dict[str, Any], in_channels: int, num_classes: int) -> nn.Module:
-    """A registered segmentor; an unknown name or parameter is a :class:`ConfigError` naming it."""
+def _dims_kwarg(spatial_dims: int) -> dict[str, int]:
+    """``{"spatial_dims": 3}`` for 3D runs; nothing for 2D (a user's 2D-only network need not take it)."""
+    return {} if spatial_dims == 2 else {"spatial_dims": spatial_dims}
+
+
+def build_segmentor(name: str, params: dict[str, Any], in_channels: int, num_classes: int,
+                    spatial_dims: int = 2) -> nn.Module:
+    """A registered segmentor (of ``spatial_dims`` 2 or 3); an unknown name or parameter is a
+    :class:`ConfigError` naming it."""
     import diffmis.models  # noqa: F401  (fills the registries)
 
     try:
-        return SEGMENTORS.build(name, in_channels=in_channels, num_classes=num_classes, **params)
+        return SEGMENTORS.build(name, in_channels=in_channels, num_classes=num_classes, **params,
+                                **_dims_kwarg(spatial_dims))
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"segmentor '{name}': {err}") from None
 
@@ -305,15 +313,17 @@ def segmentor_from_config(cfg: Config, role: str) -> nn.Module:
     seg = cfg.model.segmentor
     if seg is None:
         raise ConfigError(f"recipe '{cfg.experiment.recipe}' needs model.segmentor ({role})")
-    return build_segmentor(seg.name, dict(seg.params), cfg.data.in_channels, cfg.data.num_classes)
+    return build_segmentor(seg.name, dict(seg.params), cfg.data.in_channels, cfg.data.num_classes,
+                           cfg.data.spatial_dims)
 
 
-def build_model(name: str, params: dict[str, Any], **kwargs: Any) -> nn.Module:
-    """A registered denoiser; an unknown name or parameter is a :class:`ConfigError` naming it."""
+def build_model(name: str, params: dict[str, Any], spatial_dims: int = 2, **kwargs: Any) -> nn.Module:
+    """A registered denoiser (of ``spatial_dims`` 2 or 3); an unknown name or parameter is a
+    :class:`ConfigError` naming it."""
     import diffmis.models  # noqa: F401  (fills the registries)
 
     try:
-        return MODELS.build(name, **kwargs, **params)
+        return MODELS.build(name, **kwargs, **params, **_dims_kwarg(spatial_dims))
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"model '{name}': {err}") from None
 

@@ -75,7 +75,7 @@ class BerDiff(Method):
         scheduler = bernoulli_scheduler(cfg)
         if "denoiser" not in kwargs:
             kwargs["denoiser"] = build_model(cfg.model.name, dict(cfg.model.params), in_channels=cfg.data.in_channels,
-                                             num_classes=cfg.data.num_classes)
+                                             num_classes=cfg.data.num_classes, spatial_dims=cfg.data.spatial_dims)
         sampler = cfg.sample.sampler if cfg.sample.sampler in cls.samplers else cls.samplers[0]
         return cls(scheduler=scheduler, num_classes=cfg.data.num_classes, loss_weights=dict(cfg.train.loss_weights),
                    focal_lambda=cfg.diffusion.focal_lambda, prior_residual=cfg.diffusion.prior_residual,

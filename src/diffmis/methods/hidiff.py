@@ -63,7 +63,8 @@ class HiDiff(BerDiff):
     def from_config(cls, cfg: Config, **kwargs: Any) -> "HiDiff":
         seg = segmentor_from_config(cfg, "the prior segmentor")
         refiner = build_model(cfg.model.name, dict(cfg.model.params), in_channels=cfg.data.in_channels,
-                              num_classes=cfg.data.num_classes, segmentor_channels=list(seg.feature_channels))
+                              num_classes=cfg.data.num_classes, segmentor_channels=list(seg.feature_channels),
+                              spatial_dims=cfg.data.spatial_dims)
         return super().from_config(cfg, segmentor=seg, denoiser=refiner, w_diff=cfg.train.w_diff,
                                    pretrain_steps=cfg.train.pretrain_steps, prior_noise=cfg.diffusion.prior_noise,
                                    **kwargs)

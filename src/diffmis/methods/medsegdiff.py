@@ -87,7 +87,8 @@ class GaussianMaskDiffusion(Method):
     @classmethod
     def denoiser_kwargs(cls, cfg: Config) -> dict[str, Any]:
         """Keyword arguments the denoiser gets besides ``model.params`` (V2 adds its condition segmentor)."""
-        return {"in_channels": cfg.data.in_channels, "num_classes": cfg.data.num_classes}
+        return {"in_channels": cfg.data.in_channels, "num_classes": cfg.data.num_classes,
+                "spatial_dims": cfg.data.spatial_dims}
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> "GaussianMaskDiffusion":

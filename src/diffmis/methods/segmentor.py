@@ -43,7 +43,8 @@ class SegmentorMethod(Method):
     def from_config(cls, cfg: Config) -> "SegmentorMethod":
         seg = cfg.model.segmentor
         name, params = (seg.name, seg.params) if seg else (cfg.model.name, cfg.model.params)
-        return cls(build_segmentor(name, dict(params), cfg.data.in_channels, cfg.data.num_classes),
+        return cls(build_segmentor(name, dict(params), cfg.data.in_channels, cfg.data.num_classes,
+                                   cfg.data.spatial_dims),
                    cfg.data.num_classes, dict(cfg.train.loss_weights))
 
     def segmentor_module(self) -> nn.Module:

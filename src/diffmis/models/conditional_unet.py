@@ -6,7 +6,9 @@ variance channels when ``learn_sigma``. This is the common template of the diffu
 "no DCE, no FF-Parser" ablation point; MedSegDiff-V2 subclasses it and hooks into :meth:`_modulate_level` and
 :meth:`_modulate_bottleneck`.
 
-Input size: H and W must be divisible by ``2 ** (len(channel_mult) - 1)`` (:attr:`size_multiple`).
+Input size: every spatial axis must be divisible by ``2 ** (len(channel_mult) - 1)`` (:attr:`size_multiple`).
+``spatial_dims=3`` makes the same network volumetric: inputs ``(B, C, D, H, W)``, 3D convolutions, self-attention
+over all voxels of a level; 2D (the default) is unchanged, parameter names and shapes included.
 
 Contents
     1. Model
@@ -25,7 +27,9 @@ from diffmis.models.layers import (
     TimeEmbedding,
     build_decoder,
     build_encoder,
+    check_spatial_dims,
     check_spatial_size,
+    conv_nd,
 )
 from diffmis.registry import MODELS
 
@@ -41,7 +45,7 @@ __all__ = ["ConditionalUNet"]
 class ConditionalUNet(nn.Module):
     """Image-concatenation conditional UNet: ``eps_theta([I, x_t], t)``.
 
-    Level ``i`` runs at ``H / 2^i`` with ``width * channel_mult[i]`` channels and ``num_res_blocks`` ResBlocks
+    Level ``i`` runs at ``spatial / 2^i`` with ``width * channel_mult[i]`` channels and ``num_res_blocks`` ResBlocks
     (with self-attention at ``attention_levels``); the bottleneck is ResBlock-attention-ResBlock; the decoder
     mirrors the encoder with a skip concatenated into each block (guided-diffusion layout).
 
@@ -55,6 +59,7 @@ class ConditionalUNet(nn.Module):
         head_channels: channels per attention head.
         dropout: dropout inside the ResBlocks.
         learn_sigma: also output K variance channels (improved-DDPM learned range).
+        spatial_dims: 2 for ``(B, C, H, W)`` images, 3 for ``(B, C, D, H, W)`` volumes.
     """
 
     def __init__(
@@ -69,8 +74,10 @@ class ConditionalUNet(nn.Module):
         head_channels: int = 64,
         dropout: float = 0.0,
         learn_sigma: bool = False,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        self.spatial_dims = d = check_spatial_dims(spatial_dims)
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.out_channels = num_classes * (2 if learn_sigma else 1)
@@ -78,20 +85,22 @@ class ConditionalUNet(nn.Module):
         time_dim = 4 * width
         attention_levels = tuple(attention_levels)
         self.time_embed = TimeEmbedding(width, time_dim)
-        self.stem = nn.Conv2d(in_channels + num_classes, width, 3, padding=1)
+        self.stem = conv_nd(d, in_channels + num_classes, width, 3, padding=1)
         self.encoder, skips = build_encoder(width, channel_mult, time_dim, num_res_blocks=num_res_blocks,
                                             attention_levels=attention_levels, head_channels=head_channels,
-                                            dropout=dropout)
-        self.middle = MiddleBlock(width * channel_mult[-1], time_dim, head_channels=head_channels, dropout=dropout)
+                                            dropout=dropout, spatial_dims=d)
+        self.middle = MiddleBlock(width * channel_mult[-1], time_dim, head_channels=head_channels, dropout=dropout,
+                                  spatial_dims=d)
         self.decoder = build_decoder(width, channel_mult, time_dim, skips, num_res_blocks=num_res_blocks,
-                                     attention_levels=attention_levels, head_channels=head_channels, dropout=dropout)
-        self.head = OutputHead(width * channel_mult[0], self.out_channels)
+                                     attention_levels=attention_levels, head_channels=head_channels, dropout=dropout,
+                                     spatial_dims=d)
+        self.head = OutputHead(width * channel_mult[0], self.out_channels, spatial_dims=d)
 
     def condition(self, image: Tensor) -> dict[str, Tensor]:
         """The per-image condition, computed once and reused at every sampling step.
 
         Args:
-            image: ``(B, C, H, W)`` float32.
+            image: ``(B, C, *spatial)`` float32.
 
         Returns:
             ``{"image": image}``.
@@ -102,14 +111,14 @@ class ConditionalUNet(nn.Module):
         """Predict the diffusion target.
 
         Args:
-            x_t: ``(B, K, H, W)`` noisy mask.
+            x_t: ``(B, K, *spatial)`` noisy mask (``spatial`` is ``H, W`` or ``D, H, W``).
             t: ``(B,)`` int64 timesteps.
-            cond: :meth:`condition` output (``cond["image"]``: ``(B, C, H, W)``).
+            cond: :meth:`condition` output (``cond["image"]``: ``(B, C, *spatial)``).
 
         Returns:
-            ``(B, K * (2 if learn_sigma else 1), H, W)``: the prediction, then the variance channels.
+            ``(B, K * (2 if learn_sigma else 1), *spatial)``: the prediction, then the variance channels.
         """
-        check_spatial_size(x_t, self.size_multiple, type(self).__name__)
+        check_spatial_size(x_t, self.size_multiple, type(self).__name__, self.spatial_dims)
         emb = self.time_embed(t)
         h = self.stem(torch.cat([cond["image"], x_t], dim=1))  # conditioning by concatenation [I, x_t]
         skips = [h]

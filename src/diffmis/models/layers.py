@@ -1,20 +1,24 @@
 """Building blocks shared by the denoisers: time embedding, ResBlock, attention, resampling, spectral filters.
 
-Every block here works on ``(B, C, H, W)`` feature maps of any spatial size (the spectral filters are sized from
-the runtime feature shape), is channels-last friendly (convolutions, GroupNorm, interpolation and FFTs only; no
-per-pixel Python) and never sees a noise schedule: a timestep enters only through its embedding.
+Every block here works on ``(B, C, *spatial)`` feature maps of any spatial size (the spectral filters are sized
+from the runtime feature shape): ``(B, C, H, W)`` with ``spatial_dims=2`` (the default) or ``(B, C, D, H, W)`` with
+``spatial_dims=3``, where every convolution, pooling and interpolation is its 3D counterpart. The 2D modules, their
+parameter names and shapes are those of the 2D-only code, so existing checkpoints load unchanged. The blocks are
+channels-last friendly (convolutions, GroupNorm, interpolation and FFTs only; no per-pixel Python) and never see a
+noise schedule: a timestep enters only through its embedding.
 
 Contents
     1. Shape checks and small helpers
     2. Timestep embedding (sinusoidal + MLP)
     3. ResBlock with time FiLM, self-attention, down/upsampling
     4. Guided-diffusion style UNet encoder/decoder levels (shared by the conditional UNet and MedSegDiff)
-    5. Spectral maps on the rfft2 grid: frequency-aware resampling, FF-Parser
+    5. Spectral maps on the rfftn grid (2 or 3 axes): frequency-aware resampling, FF-Parser
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -24,6 +28,10 @@ from torch import Tensor, nn
 from diffmis.errors import InputError
 
 __all__ = [
+    "SPATIAL_DIMS",
+    "check_spatial_dims",
+    "conv_nd",
+    "nominal_size",
     "check_spatial_size",
     "resize_to",
     "group_norm",
@@ -33,6 +41,7 @@ __all__ = [
     "TimeEmbedding",
     "ResBlock",
     "SelfAttention2d",
+    "SelfAttention",
     "Downsample",
     "Upsample",
     "ResAttnBlock",
@@ -42,6 +51,7 @@ __all__ = [
     "OutputHead",
     "build_encoder",
     "build_decoder",
+    "rfft_grid_shape",
     "resample_rfft_map",
     "FFParser",
 ]
@@ -52,27 +62,66 @@ __all__ = [
 # ======================================================================================================
 
 
-def check_spatial_size(x: Tensor, multiple: int, who: str) -> None:
-    """Raise :class:`InputError` unless the spatial size of ``x`` is divisible by ``multiple``.
+SPATIAL_DIMS = (2, 3)  # the supported numbers of spatial axes: (B, C, H, W) and (B, C, D, H, W)
+
+
+def check_spatial_dims(spatial_dims: int) -> int:
+    """Return ``spatial_dims`` if it is 2 or 3 (:data:`SPATIAL_DIMS`), else raise :class:`ValueError`."""
+    if isinstance(spatial_dims, bool) or spatial_dims not in SPATIAL_DIMS:
+        raise ValueError(f"spatial_dims must be one of {SPATIAL_DIMS} (2D or 3D images), got {spatial_dims!r}")
+    return int(spatial_dims)
+
+
+def conv_nd(spatial_dims: int, *args, **kwargs) -> nn.Module:
+    """``nn.Conv2d(*args, **kwargs)`` for ``spatial_dims=2``, ``nn.Conv3d(*args, **kwargs)`` for 3."""
+    return (nn.Conv2d if check_spatial_dims(spatial_dims) == 2 else nn.Conv3d)(*args, **kwargs)
+
+
+def nominal_size(image_size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    """``image_size`` (one int for every axis, or ``spatial_dims`` ints) as a tuple of ``spatial_dims`` ints."""
+    if isinstance(image_size, numbers.Integral):
+        return (int(image_size),) * spatial_dims
+    sizes = tuple(int(s) for s in image_size)
+    if len(sizes) != spatial_dims:
+        raise ValueError(f"image_size must be an int or {spatial_dims} ints (spatial_dims={spatial_dims}), "
+                         f"got {sizes}")
+    return sizes
+
+
+def check_spatial_size(x: Tensor, multiple: int, who: str, spatial_dims: int | None = None) -> None:
+    """Raise :class:`InputError` unless every spatial axis of ``x`` is divisible by ``multiple``.
 
     Args:
-        x: ``(B, C, H, W)`` input of a network with ``log2(multiple)`` stride-2 downsamplings.
-        multiple: required divisor of H and W (``2 ** downsamplings``).
+        x: ``(B, C, *spatial)`` input of a network with ``log2(multiple)`` stride-2 downsamplings.
+        multiple: required divisor of every spatial axis (``2 ** downsamplings``).
         who: name of the network, used in the message.
+        spatial_dims: when given, ``x`` must also have exactly this many spatial axes (``x.dim() == 2 + d``).
     """
-    h, w = x.shape[-2:]
-    if h % multiple or w % multiple:
+    if spatial_dims is not None and x.dim() != spatial_dims + 2:
+        layout = "(B, C, H, W)" if spatial_dims == 2 else "(B, C, D, H, W)"
         raise InputError(
-            f"{who}: input size {h}x{w} is not divisible by {multiple} (the network downsamples "
-            f"{int(math.log2(multiple))} times); resize or pad the image to a multiple of {multiple}"
+            f"{who}: expected a {spatial_dims + 2}-D input {layout} (the network is {spatial_dims}D), "
+            f"got shape {tuple(x.shape)}"
+        )
+    spatial = tuple(x.shape[2:])
+    if any(s % multiple for s in spatial):
+        raise InputError(
+            f"{who}: input size {'x'.join(str(s) for s in spatial)} is not divisible by {multiple} (the network "
+            f"downsamples {int(math.log2(multiple))} times); resize or pad the image to a multiple of {multiple}"
         )
 
 
 def resize_to(x: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinearly resize ``x: (B, C, h, w)`` to ``size = (H, W)``; returns ``x`` itself when sizes already match."""
-    if tuple(x.shape[-2:]) == tuple(size):
+    """Resize ``x: (B, C, *spatial)`` to ``size`` (bilinear in 2D, trilinear in 3D); ``x`` itself if sizes match."""
+    if tuple(x.shape[2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    mode = "bilinear" if x.dim() == 4 else "trilinear"
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+
+
+def _trailing(t: Tensor, like: Tensor) -> Tensor:
+    """``t: (B, C)`` viewed as ``(B, C, 1, ..., 1)`` to broadcast over the spatial axes of ``like``."""
+    return t.reshape(*t.shape, *([1] * (like.dim() - 2)))
 
 
 class _GroupNormNCHW(torch.autograd.Function):
@@ -112,7 +161,8 @@ class GroupNorm(nn.GroupNorm):
     """:class:`torch.nn.GroupNorm` (same parameters and result) with a fast path for channels-last 4-D inputs.
 
     A channels-last input is normalised on an NCHW copy (:class:`_GroupNormNCHW`): the CPU GroupNorm backward
-    is many times slower in channels-last. Double backward is not supported on that path.
+    is many times slower in channels-last. Double backward is not supported on that path. 5-D (3D) inputs always
+    take plain ``F.group_norm``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -133,7 +183,10 @@ def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
 
 
 class LayerNorm2d(GroupNorm):
-    """Layer norm over ``(C, H, W)`` of each sample with a per-channel affine map (= ``GroupNorm(1, C)``)."""
+    """Layer norm over ``(C, *spatial)`` of each sample with a per-channel affine map (= ``GroupNorm(1, C)``).
+
+    Despite the name it normalises 2D and 3D maps alike (the name is kept for the checkpoints' module types).
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__(1, channels)
@@ -200,71 +253,83 @@ class ResBlock(nn.Module):
         out_channels: channels of the output.
         time_dim: width of the time embedding ``emb``.
         dropout: dropout probability before the second convolution.
+        spatial_dims: 2 (``(B, C, H, W)``, 3x3 convolutions) or 3 (``(B, C, D, H, W)``, 3x3x3 convolutions).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, time_dim: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, time_dim: int, dropout: float = 0.0, *, spatial_dims: int = 2
+    ) -> None:
         super().__init__()
+        self.spatial_dims = d = check_spatial_dims(spatial_dims)
         self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = conv_nd(d, in_channels, out_channels, 3, padding=1)
         self.film = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 2 * out_channels))
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.conv2 = conv_nd(d, out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Identity() if in_channels == out_channels else conv_nd(d, in_channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """``x: (B, C_in, H, W)``, ``emb: (B, time_dim)`` -> ``(B, C_out, H, W)``."""
+        """``x: (B, C_in, *spatial)``, ``emb: (B, time_dim)`` -> ``(B, C_out, *spatial)``."""
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+        scale, shift = _trailing(self.film(emb), h).chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
 class SelfAttention2d(nn.Module):
-    """Multi-head self-attention over the ``H*W`` positions of a feature map, with a residual connection.
+    """Multi-head self-attention over all positions of a feature map (``H*W``, or ``D*H*W`` in 3D), residual.
+
+    The name is historical: ``spatial_dims=3`` attends over every voxel (memory grows with the square of the voxel
+    count, so use it at coarse levels). :data:`SelfAttention` is an alias.
 
     Args:
         channels: feature channels ``C``.
         head_channels: channels per head; ``heads = max(1, C // head_channels)``.
+        spatial_dims: 2 or 3 (the 1x1 projections are ``Conv2d`` or ``Conv3d``).
     """
 
-    def __init__(self, channels: int, head_channels: int = 64) -> None:
+    def __init__(self, channels: int, head_channels: int = 64, *, spatial_dims: int = 2) -> None:
         super().__init__()
+        self.spatial_dims = d = check_spatial_dims(spatial_dims)
         self.heads = max(1, channels // head_channels)
         if channels % self.heads:
             raise ValueError(f"channels={channels} is not divisible by heads={self.heads}")
         self.norm = group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
+        self.qkv = conv_nd(d, channels, 3 * channels, 1)
+        self.proj = conv_nd(d, channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x: (B, C, H, W)`` -> ``(B, C, H, W)``."""
-        b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # each (B, heads, HW, C/heads)
+        """``x: (B, C, *spatial)`` -> ``(B, C, *spatial)``."""
+        b, c = x.shape[:2]
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, -1)  # spatial axes flattened
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # each (B, heads, N, C/heads)
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        out = out.transpose(-1, -2).reshape(x.shape)
         return x + self.proj(out)
 
 
-class Downsample(nn.Module):
-    """Stride-2 3x3 convolution: ``(B, C_in, H, W) -> (B, C_out, H/2, W/2)``."""
+SelfAttention = SelfAttention2d
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+
+class Downsample(nn.Module):
+    """Stride-2 3x3(x3) convolution: ``(B, C_in, *spatial) -> (B, C_out, *spatial / 2)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, spatial_dims: int = 2) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.conv = conv_nd(spatial_dims, in_channels, out_channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
 
 
 class Upsample(nn.Module):
-    """Nearest x2 upsampling followed by a 3x3 convolution: ``(B, C, H, W) -> (B, C, 2H, 2W)``."""
+    """Nearest x2 upsampling followed by a 3x3(x3) convolution: ``(B, C, *spatial) -> (B, C, *2 spatial)``."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, *, spatial_dims: int = 2) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = conv_nd(spatial_dims, channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -279,11 +344,19 @@ class ResAttnBlock(nn.Module):
     """A :class:`ResBlock`, optionally followed by :class:`SelfAttention2d`."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, time_dim: int, *, attention: bool, head_channels: int, dropout: float
+        self,
+        in_channels: int,
+        out_channels: int,
+        time_dim: int,
+        *,
+        attention: bool,
+        head_channels: int,
+        dropout: float,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        self.res = ResBlock(in_channels, out_channels, time_dim, dropout)
-        self.attn = SelfAttention2d(out_channels, head_channels) if attention else None
+        self.res = ResBlock(in_channels, out_channels, time_dim, dropout, spatial_dims=spatial_dims)
+        self.attn = SelfAttention2d(out_channels, head_channels, spatial_dims=spatial_dims) if attention else None
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.res(x, emb)
@@ -309,17 +382,19 @@ class EncoderLevel(nn.Module):
         head_channels: int,
         dropout: float,
         downsample: bool,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         chans = [in_channels] + [out_channels] * num_res_blocks
         self.blocks = nn.ModuleList(
-            ResAttnBlock(a, b, time_dim, attention=attention, head_channels=head_channels, dropout=dropout)
+            ResAttnBlock(a, b, time_dim, attention=attention, head_channels=head_channels, dropout=dropout,
+                         spatial_dims=spatial_dims)
             for a, b in zip(chans[:-1], chans[1:])
         )
-        self.down = Downsample(out_channels, next_channels) if downsample else None
+        self.down = Downsample(out_channels, next_channels, spatial_dims=spatial_dims) if downsample else None
 
     def forward(self, h: Tensor, emb: Tensor) -> list[Tensor]:
-        """``h: (B, C_in, H, W)`` -> the ``num_res_blocks`` block outputs, each ``(B, C_out, H, W)``."""
+        """``h: (B, C_in, *spatial)`` -> the ``num_res_blocks`` block outputs, each ``(B, C_out, *spatial)``."""
         outs = []
         for block in self.blocks:
             h = block(h, emb)
@@ -341,6 +416,7 @@ class DecoderLevel(nn.Module):
         head_channels: int,
         dropout: float,
         upsample: bool,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         blocks = []
@@ -348,11 +424,11 @@ class DecoderLevel(nn.Module):
         for skip in skip_channels:
             blocks.append(
                 ResAttnBlock(ch + skip, out_channels, time_dim, attention=attention, head_channels=head_channels,
-                             dropout=dropout)
+                             dropout=dropout, spatial_dims=spatial_dims)
             )
             ch = out_channels
         self.blocks = nn.ModuleList(blocks)
-        self.up = Upsample(out_channels) if upsample else None
+        self.up = Upsample(out_channels, spatial_dims=spatial_dims) if upsample else None
 
     def forward(self, h: Tensor, skips: list[Tensor], emb: Tensor) -> Tensor:
         """Consume skips from the end of ``skips`` (popped in place); returns the level output."""
@@ -364,23 +440,25 @@ class DecoderLevel(nn.Module):
 class MiddleBlock(nn.Module):
     """Bottleneck: ResBlock -> self-attention -> ResBlock at constant width."""
 
-    def __init__(self, channels: int, time_dim: int, *, head_channels: int, dropout: float) -> None:
+    def __init__(
+        self, channels: int, time_dim: int, *, head_channels: int, dropout: float, spatial_dims: int = 2
+    ) -> None:
         super().__init__()
-        self.res1 = ResBlock(channels, channels, time_dim, dropout)
-        self.attn = SelfAttention2d(channels, head_channels)
-        self.res2 = ResBlock(channels, channels, time_dim, dropout)
+        self.res1 = ResBlock(channels, channels, time_dim, dropout, spatial_dims=spatial_dims)
+        self.attn = SelfAttention2d(channels, head_channels, spatial_dims=spatial_dims)
+        self.res2 = ResBlock(channels, channels, time_dim, dropout, spatial_dims=spatial_dims)
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:
         return self.res2(self.attn(self.res1(h, emb)), emb)
 
 
 class OutputHead(nn.Module):
-    """GroupNorm -> SiLU -> zero-initialised 3x3 conv, so that a fresh denoiser predicts exactly 0."""
+    """GroupNorm -> SiLU -> zero-initialised 3x3(x3) conv, so that a fresh denoiser predicts exactly 0."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, spatial_dims: int = 2) -> None:
         super().__init__()
         self.norm = group_norm(in_channels)
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv = conv_nd(spatial_dims, in_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
 
@@ -397,11 +475,12 @@ def build_encoder(
     attention_levels: Sequence[int],
     head_channels: int,
     dropout: float,
+    spatial_dims: int = 2,
 ) -> tuple[nn.ModuleList, list[int]]:
     """The encoder levels of a UNet whose stem outputs ``width`` channels.
 
-    Level ``i`` works at resolution ``H / 2^i`` with ``width * channel_mult[i]`` channels; all levels but the
-    last end with a downsample.
+    Level ``i`` works at resolution ``spatial / 2^i`` (every axis) with ``width * channel_mult[i]`` channels; all
+    levels but the last end with a downsample. ``spatial_dims`` (2 or 3) is passed to every block.
 
     Returns:
         ``(levels, skip_channels)``: the levels and the channel count of every skip in push order, starting
@@ -416,7 +495,7 @@ def build_encoder(
         levels.append(
             EncoderLevel(ch, out, out if last else chans[i + 1], time_dim, num_res_blocks=num_res_blocks,
                          attention=i in attention_levels, head_channels=head_channels, dropout=dropout,
-                         downsample=not last)
+                         downsample=not last, spatial_dims=spatial_dims)
         )
         skips += [out] * num_res_blocks
         ch = out
@@ -436,6 +515,7 @@ def build_decoder(
     attention_levels: Sequence[int],
     head_channels: int,
     dropout: float,
+    spatial_dims: int = 2,
 ) -> nn.ModuleList:
     """The decoder levels matching :func:`build_encoder` (deepest first), consuming ``skip_channels`` in reverse."""
     chans = [width * m for m in channel_mult]
@@ -446,35 +526,46 @@ def build_decoder(
         mine = [skips.pop() for _ in range(num_res_blocks + 1)]
         levels.append(
             DecoderLevel(ch, mine, chans[i], time_dim, attention=i in attention_levels, head_channels=head_channels,
-                         dropout=dropout, upsample=i > 0)
+                         dropout=dropout, upsample=i > 0, spatial_dims=spatial_dims)
         )
         ch = chans[i]
     return levels
 
 
 # ======================================================================================================
-# 5. Spectral maps on the rfft2 grid
+# 5. Spectral maps on the rfftn grid (the last 2 or 3 axes)
 # ======================================================================================================
 
 
-def resample_rfft_map(m: Tensor, base_size: Sequence[int], size: Sequence[int]) -> Tensor:
-    """Resample a map defined on the rfft2 bins of a ``base_size`` grid to the bins of a ``size`` grid.
+def rfft_grid_shape(size: Sequence[int]) -> tuple[int, ...]:
+    """Shape of the real-FFT spectrum of a ``size`` grid: ``(*size[:-1], size[-1] // 2 + 1)``."""
+    return (*(int(s) for s in size[:-1]), int(size[-1]) // 2 + 1)
 
-    Each target bin takes the (bilinearly interpolated) value the map has at the same physical frequency
-    ``(f_y, f_x)`` in cycles per pixel, so a filter keeps its meaning (low-pass stays low-pass) at any image
-    size; frequencies beyond the base grid take the border value. A constant map stays exactly constant.
+
+def resample_rfft_map(m: Tensor, base_size: Sequence[int], size: Sequence[int]) -> Tensor:
+    """Resample a map defined on the rfftn bins of a ``base_size`` grid to the bins of a ``size`` grid.
+
+    Each target bin takes the (bilinearly, in 3D trilinearly, interpolated) value the map has at the same
+    physical frequency (``(f_y, f_x)`` or ``(f_z, f_y, f_x)``, in cycles per pixel), so a filter keeps its meaning
+    (low-pass stays low-pass) at any image size; frequencies beyond the base grid take the border value. A
+    constant map stays constant: exactly in 3D (values are interpolated as offsets from the first bin); to a
+    float rounding (a few ulp) in 2D, whose arithmetic is kept as it always was.
 
     Args:
-        m: ``(P, H0, W0 // 2 + 1)`` values in the natural (un-shifted) rfft2 layout of an ``H0 x W0`` grid.
-        base_size: ``(H0, W0)``.
-        size: runtime ``(H, W)``.
+        m: ``(P, *base_size[:-1], base_size[-1] // 2 + 1)`` values in the natural (un-shifted) rfftn layout of a
+            ``base_size`` grid, ``base_size`` being ``(H0, W0)`` or ``(D0, H0, W0)``.
+        base_size: the grid ``m`` is stored for (2 or 3 sizes).
+        size: runtime grid, as many sizes as ``base_size``.
 
     Returns:
-        ``(P, H, W // 2 + 1)`` in the natural rfft2 layout of an ``H x W`` grid (``m`` itself when sizes match).
+        ``(P, *size[:-1], size[-1] // 2 + 1)`` in the natural rfftn layout of a ``size`` grid (``m`` itself when
+        sizes match).
     """
-    h0, w0 = base_size
-    h, w = size
-    if (h0, w0) == (h, w):
+    base, size = tuple(int(s) for s in base_size), tuple(int(s) for s in size)
+    n = len(base)
+    if n not in (2, 3) or len(size) != n:
+        raise ValueError(f"base_size and size must both list 2 or 3 sizes, got {base} and {size}")
+    if base == size:
         return m
     dev = m.device
 
@@ -482,44 +573,61 @@ def resample_rfft_map(m: Tensor, base_size: Sequence[int], size: Sequence[int]) 
         span = f0[-1] - f0[0]
         return 2 * (f - f0[0]) / span - 1 if span > 0 else torch.zeros_like(f)
 
-    fy0 = torch.fft.fftshift(torch.fft.fftfreq(h0, device=dev))  # ascending, matches the shifted map below
-    fx0 = torch.fft.rfftfreq(w0, device=dev)
-    gy = to_grid(torch.fft.fftfreq(h, device=dev), fy0)  # natural layout of the target
-    gx = to_grid(torch.fft.rfftfreq(w, device=dev), fx0)
-    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]  # (1, H, W//2+1, 2) as (x, y)
-    src = torch.fft.fftshift(m, dim=1)[None].float()
-    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    # full axes (fftfreq, shifted to ascending order to match the shifted map below), then the half last axis
+    f0 = [torch.fft.fftshift(torch.fft.fftfreq(s0, device=dev)) for s0 in base[:-1]] + \
+        [torch.fft.rfftfreq(base[-1], device=dev)]
+    g = [to_grid(torch.fft.fftfreq(s, device=dev), a) for s, a in zip(size[:-1], f0)] + \
+        [to_grid(torch.fft.rfftfreq(size[-1], device=dev), f0[-1])]  # natural layout of the target
+    shift_dims = tuple(range(1, n))
+    if n == 2:
+        gy, gx = g
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]  # (1, H, W//2+1, 2) as (x, y)
+        src = torch.fft.fftshift(m, dim=shift_dims)[None].float()
+        out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return out[0].to(m.dtype)
+    gz, gy, gx = torch.meshgrid(*g, indexing="ij")
+    grid = torch.stack([gx, gy, gz], dim=-1)[None]  # (1, D, H, W//2+1, 3) as (x, y, z)
+    src = torch.fft.fftshift(m, dim=shift_dims)[None].float()
+    ref = src[:, :, :1, :1, :1]  # per-map offset: interpolating m - ref keeps a constant map exactly constant
+    out = F.grid_sample(src - ref, grid, mode="bilinear", padding_mode="border", align_corners=True) + ref
     return out[0].to(m.dtype)
 
 
 class FFParser(nn.Module):
     """FF-Parser (MedSegDiff, METHODS 2.1): a learnable per-channel complex filter in the Fourier domain.
 
-    ``M = rfft2(m)`` (orthonormal), ``M' = A ⊙ M``, ``m' = irfft2(M')``. ``A`` is stored as real and imaginary
-    parts on the rfft2 grid of ``base_size`` and resampled by physical frequency to the runtime spectrum
-    ``(H, W // 2 + 1)`` (:func:`resample_rfft_map`), so any feature size works. ``A`` is initialised to
+    ``M = rfftn(m)`` (orthonormal, over the last 2 or 3 axes), ``M' = A ⊙ M``, ``m' = irfftn(M')``. ``A`` is
+    stored as real and imaginary parts on the rfftn grid of ``base_size`` and resampled by physical frequency to
+    the runtime spectrum (:func:`resample_rfft_map`), so any feature size works. ``A`` is initialised to
     ``1 + 0j``: the filter starts as the identity (unlike the official code's near-zero start, METHODS 2.2).
 
     Args:
         channels: feature channels ``C``.
-        base_size: ``(H0, W0)`` grid on which ``A`` is stored (the feature size at the nominal image size).
+        base_size: ``(H0, W0)`` for 2D maps or ``(D0, H0, W0)`` for 3D maps: the grid on which ``A`` is stored
+            (the feature size at the nominal image size); its length fixes the number of spatial axes.
     """
 
     def __init__(self, channels: int, base_size: Sequence[int]) -> None:
         super().__init__()
-        self.base_size = (int(base_size[0]), int(base_size[1]))
-        h0, w0 = self.base_size
-        weight = torch.zeros(2, channels, h0, w0 // 2 + 1)
+        if len(base_size) not in SPATIAL_DIMS:
+            raise ValueError(f"base_size must list {' or '.join(map(str, SPATIAL_DIMS))} sizes, got {tuple(base_size)}")
+        self.base_size = tuple(int(s) for s in base_size)
+        self.spatial_dims = len(self.base_size)
+        weight = torch.zeros(2, channels, *rfft_grid_shape(self.base_size))
         weight[0] = 1.0  # A = 1 + 0j: identity filter
         self.weight = nn.Parameter(weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x: (B, C, H, W)`` real -> filtered ``(B, C, H, W)`` in the dtype of ``x`` (FFTs run in float32)."""
-        b, c, h, w = x.shape
+        """``x: (B, C, *spatial)`` real -> filtered, same shape and dtype as ``x`` (FFTs run in float32)."""
+        b, c = x.shape[:2]
+        spatial = tuple(x.shape[2:])
+        if len(spatial) != self.spatial_dims:
+            raise ValueError(f"FFParser for {self.spatial_dims}D maps got an input of shape {tuple(x.shape)}")
+        dims = tuple(range(-self.spatial_dims, 0))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            spec = torch.fft.rfft2(x.float(), norm="ortho")  # M = FFT2(m_x)
-            a = resample_rfft_map(self.weight.float().reshape(2 * c, *self.weight.shape[2:]), self.base_size, (h, w))
-            a = a.reshape(2, c, h, w // 2 + 1)
+            spec = torch.fft.rfftn(x.float(), dim=dims, norm="ortho")  # M = FFT(m_x)
+            a = resample_rfft_map(self.weight.float().reshape(2 * c, *self.weight.shape[2:]), self.base_size, spatial)
+            a = a.reshape(2, c, *rfft_grid_shape(spatial))
             spec = spec * torch.complex(a[0], a[1])  # M' = A ⊙ M
-            out = torch.fft.irfft2(spec, s=(h, w), norm="ortho")  # m_x' = IFFT2(M')
+            out = torch.fft.irfftn(spec, s=spatial, dim=dims, norm="ortho")  # m_x' = IFFT(M')
         return out.to(x.dtype)

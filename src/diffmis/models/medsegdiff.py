@@ -8,13 +8,15 @@ Encoding; the two bottleneck embeddings are summed and decoded with skips from t
     A(m_I, m_x) = (LN(m_x) ⊙ LN(m_I)) ⊙ m_I                          (paper eq. 3, DCE)
     m_x' = IFFT2(A_ff ⊙ FFT2(m_x))                                   (paper, FF-Parser)
 
-Choices where the paper is silent [INFER, METHODS 2.8]: LN normalises over ``(C, H, W)`` with a per-channel
+Choices where the paper is silent [INFER, METHODS 2.8]: LN normalises over ``(C, *spatial)`` with a per-channel
 affine map (``GroupNorm(1)``); the FF-Parser filters the mask path itself (so the FF-Parser and DCE switches are
 independent ablations) and starts as the identity ``1 + 0j``; both encoders take the time embedding (as in the
 lucidrains reading); the conditioned levels default to the middle ones.
 
-Input size: H and W must be divisible by ``2 ** (len(channel_mult) - 1)``. Any such size works: the FF-Parser
-weights are stored at ``image_size / 2^level`` and resampled to the runtime spectrum.
+Input size: every spatial axis must be divisible by ``2 ** (len(channel_mult) - 1)``. Any such size works: the
+FF-Parser weights are stored at ``image_size / 2^level`` and resampled to the runtime spectrum. ``spatial_dims=3``
+builds the volumetric network (``(B, C, D, H, W)`` inputs, 3D convolutions, FF-Parser on the 3D rfftn); 2D (the
+default) is unchanged, parameter names and shapes included.
 
 Contents
     1. Size presets
@@ -36,7 +38,10 @@ from diffmis.models.layers import (
     TimeEmbedding,
     build_decoder,
     build_encoder,
+    check_spatial_dims,
     check_spatial_size,
+    conv_nd,
+    nominal_size,
 )
 from diffmis.registry import MODELS
 
@@ -72,7 +77,7 @@ class DynamicConditionalEncoding(nn.Module):
         self.norm_image = LayerNorm2d(channels)
 
     def forward(self, m_x: Tensor, m_i: Tensor) -> Tensor:
-        """``m_x``, ``m_i``: ``(B, C, H, W)`` mask / image features -> modulated image features ``(B, C, H, W)``."""
+        """``m_x``, ``m_i``: ``(B, C, *spatial)`` mask / image features -> modulated image features, same shape."""
         return self.norm_mask(m_x) * self.norm_image(m_i) * m_i  # eq. 3: (LN(m_x) ⊙ LN(m_I)) ⊙ m_I
 
 
@@ -97,8 +102,8 @@ class MedSegDiff(nn.Module):
             when there are fewer than 3).
         dce: enable Dynamic Conditional Encoding (ablation switch).
         ff_parser: enable the FF-Parser (ablation switch).
-        image_size: nominal input size; the FF-Parser weights are stored at ``image_size / 2^level`` (any
-            runtime size works).
+        image_size: nominal input size, one int for every axis or ``spatial_dims`` ints; the FF-Parser weights
+            are stored at ``max(1, image_size >> level)`` per axis (any runtime size works).
         head_channels: channels per attention head.
         dropout: dropout inside the ResBlocks.
         learn_sigma: also output K variance channels.
@@ -107,6 +112,7 @@ class MedSegDiff(nn.Module):
             2.7). The paper's design (False) lets the image reach the decoder only through the bottleneck; the
             CPU recipes turn it on (``benchmarks/results/quality_mni_tune.json``: variant ``skips_x0seg_recycle``
             against ``x0seg_recycle``, Dice 0.695 -> 0.892).
+        spatial_dims: 2 for ``(B, C, H, W)`` images, 3 for ``(B, C, D, H, W)`` volumes.
     """
 
     def __init__(
@@ -122,13 +128,16 @@ class MedSegDiff(nn.Module):
         condition_levels: Optional[Sequence[int]] = None,
         dce: bool = True,
         ff_parser: bool = True,
-        image_size: int = 256,
+        image_size: int | Sequence[int] = 256,
         head_channels: int = 64,
         dropout: float = 0.0,
         learn_sigma: bool = False,
         image_skips: bool = False,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        self.spatial_dims = d = check_spatial_dims(spatial_dims)
+        sizes = nominal_size(image_size, d)
         if size not in SIZE_PRESETS:
             raise ValueError(f"size must be one of {sorted(SIZE_PRESETS)}, got {size!r}")
         preset = SIZE_PRESETS[size]
@@ -148,41 +157,41 @@ class MedSegDiff(nn.Module):
         self.image_skips = image_skips
         time_dim = 4 * width
         kw = dict(num_res_blocks=num_res_blocks, attention_levels=attention_levels, head_channels=head_channels,
-                  dropout=dropout)
+                  dropout=dropout, spatial_dims=d)
 
         self.time_embed = TimeEmbedding(width, time_dim)
-        self.mask_stem = nn.Conv2d(num_classes, width, 3, padding=1)
-        self.image_stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.mask_stem = conv_nd(d, num_classes, width, 3, padding=1)
+        self.image_stem = conv_nd(d, in_channels, width, 3, padding=1)
         self.mask_encoder, skips = build_encoder(width, channel_mult, time_dim, **kw)  # E^x
         self.image_encoder, _ = build_encoder(width, channel_mult, time_dim, **kw)  # E^I
         chans = [width * m for m in channel_mult]
         self.ff_parsers = nn.ModuleDict(
-            {str(i): FFParser(chans[i], (max(1, image_size >> i),) * 2) for i in self.condition_levels}
+            {str(i): FFParser(chans[i], tuple(max(1, s >> i) for s in sizes)) for i in self.condition_levels}
             if ff_parser else {}
         )
         self.dce = nn.ModuleDict(
             {str(i): DynamicConditionalEncoding(chans[i]) for i in self.condition_levels} if dce else {}
         )
-        self.middle = MiddleBlock(chans[-1], time_dim, head_channels=head_channels, dropout=dropout)
+        self.middle = MiddleBlock(chans[-1], time_dim, head_channels=head_channels, dropout=dropout, spatial_dims=d)
         self.decoder = build_decoder(width, channel_mult, time_dim, skips, **kw)
-        self.head = OutputHead(chans[0], self.out_channels)
+        self.head = OutputHead(chans[0], self.out_channels, spatial_dims=d)
 
     def condition(self, image: Tensor) -> dict[str, Tensor]:
-        """``image: (B, C, H, W)`` -> ``{"image": image}`` (DCE depends on ``x_t``, so nothing else is cacheable)."""
+        """``image: (B, C, *spatial)`` -> ``{"image": image}`` (DCE depends on ``x_t``: nothing else is cacheable)."""
         return {"image": image}
 
     def forward(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """Predict the diffusion target.
 
         Args:
-            x_t: ``(B, K, H, W)`` noisy mask.
+            x_t: ``(B, K, *spatial)`` noisy mask (``spatial`` is ``H, W`` or ``D, H, W``).
             t: ``(B,)`` int64 timesteps.
-            cond: ``{"image": (B, C, H, W)}``.
+            cond: ``{"image": (B, C, *spatial)}``.
 
         Returns:
-            ``(B, K * (2 if learn_sigma else 1), H, W)``.
+            ``(B, K * (2 if learn_sigma else 1), *spatial)``.
         """
-        check_spatial_size(x_t, self.size_multiple, type(self).__name__)
+        check_spatial_size(x_t, self.size_multiple, type(self).__name__, self.spatial_dims)
         emb = self.time_embed(t)
         h_x = self.mask_stem(x_t)
         h_i = self.image_stem(cond["image"])
@@ -194,7 +203,7 @@ class MedSegDiff(nn.Module):
             m_x, m_i = outs[-1], outs_i[-1]
             key = str(i)
             if key in self.ff_parsers:
-                m_x = outs[-1] = self.ff_parsers[key](m_x)  # m_x' = IFFT2(A ⊙ FFT2(m_x))
+                m_x = outs[-1] = self.ff_parsers[key](m_x)  # m_x' = IFFT(A ⊙ FFT(m_x))
             if key in self.dce:
                 m_i = outs_i[-1] = self.dce[key](m_x, m_i)  # eq. 3
             skips += [a + b for a, b in zip(outs, outs_i)] if both else outs

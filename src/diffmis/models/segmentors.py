@@ -1,12 +1,15 @@
-"""Discriminative segmentors: thin wrappers over MONAI 2D networks that also return multi-scale features.
+"""Discriminative segmentors: thin wrappers over MONAI 2D/3D networks that also return multi-scale features.
 
 A segmentor maps an image to mask logits and exposes its feature maps, ordered fine -> coarse, for the methods
 that condition on them (MedSegDiff-V2's anchor and semantic conditions, HiDiff's refiner, PD-DDPM's
 pre-segmentation). The MONAI network's own ``forward`` runs unchanged; the features are read by forward hooks
 that live only for the duration of one call (so ``copy.deepcopy`` for EMA, pickling and DDP see a plain module).
 
-Input size: H and W must be divisible by :attr:`Segmentor.size_multiple` (``2 ** downsamplings``); other sizes
-raise :class:`~diffmis.errors.InputError` naming the required multiple (resize or pad before calling).
+Every segmentor takes ``spatial_dims`` (2 for ``(B, C, H, W)`` images, the default; 3 for ``(B, C, D, H, W)``
+volumes), hands it to MONAI and exposes it as :attr:`Segmentor.spatial_dims`.
+
+Input size: every spatial axis must be divisible by :attr:`Segmentor.size_multiple` (``2 ** downsamplings``);
+other sizes raise :class:`~diffmis.errors.InputError` naming the required multiple (resize or pad before calling).
 
 Contents
     1. Output type and base class (hook-based feature capture)
@@ -23,7 +26,7 @@ from monai.networks.nets.attentionunet import AttentionLayer
 from torch import Tensor, nn
 
 from diffmis.masks import probabilities
-from diffmis.models.layers import check_spatial_size
+from diffmis.models.layers import check_spatial_dims, check_spatial_size
 from diffmis.registry import SEGMENTORS
 
 __all__ = ["SegmentorOutput", "Segmentor", "UNetSegmentor", "AttentionUNetSegmentor", "SegResNetSegmentor"]
@@ -39,9 +42,9 @@ class SegmentorOutput:
     """What a segmentor returns.
 
     Attributes:
-        logits: ``(B, K, H, W)`` mask logits (sigmoid for K = 1, softmax over channels for K > 1).
-        features: feature maps fine -> coarse; ``features[i]`` is ``(B, feature_channels[i], H_i, W_i)`` with
-            ``H_0 = H`` for every registered segmentor and ``H_i`` non-increasing.
+        logits: ``(B, K, *spatial)`` mask logits (sigmoid for K = 1, softmax over channels for K > 1).
+        features: feature maps fine -> coarse; ``features[i]`` is ``(B, feature_channels[i], *spatial_i)`` with
+            ``spatial_0 = spatial`` for every registered segmentor and every axis of ``spatial_i`` non-increasing.
     """
 
     logits: Tensor
@@ -56,8 +59,9 @@ class Segmentor(nn.Module):
 
     Attributes:
         num_classes: K, the number of mask channels.
+        spatial_dims: 2 (images) or 3 (volumes).
         feature_channels: channel count of each returned feature, fine -> coarse.
-        size_multiple: H and W must be divisible by this.
+        size_multiple: every spatial axis must be divisible by this.
     """
 
     net: nn.Module
@@ -65,13 +69,14 @@ class Segmentor(nn.Module):
     feature_channels: list[int]
     size_multiple: int
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, spatial_dims: int = 2) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.spatial_dims = check_spatial_dims(spatial_dims)
 
     def forward(self, image: Tensor) -> SegmentorOutput:
-        """Segment ``image: (B, C, H, W)`` float32 -> :class:`SegmentorOutput` (logits at the input size)."""
-        check_spatial_size(image, self.size_multiple, type(self).__name__)
+        """Segment ``image: (B, C, *spatial)`` float32 -> :class:`SegmentorOutput` (logits at the input size)."""
+        check_spatial_size(image, self.size_multiple, type(self).__name__, self.spatial_dims)
         captured: list[Tensor | None] = [None] * len(self.feature_modules)
 
         def make_hook(i: int) -> Callable[[nn.Module, object, Tensor], None]:
@@ -93,7 +98,7 @@ class Segmentor(nn.Module):
         return SegmentorOutput(logits=logits, features=captured)  # type: ignore[arg-type]
 
     def probabilities(self, logits: Tensor) -> Tensor:
-        """``(B, K, H, W)`` logits -> probabilities in [0, 1] (:func:`diffmis.masks.probabilities`)."""
+        """``(B, K, *spatial)`` logits -> probabilities in [0, 1] (:func:`diffmis.masks.probabilities`)."""
         return probabilities(logits)
 
 
@@ -104,10 +109,10 @@ class Segmentor(nn.Module):
 
 @SEGMENTORS.register("unet")
 class UNetSegmentor(Segmentor):
-    """MONAI ``BasicUNet`` (2D): four downsamplings, so H and W must be divisible by 16.
+    """MONAI ``BasicUNet`` (2D or 3D): four downsamplings, so every spatial axis must be divisible by 16.
 
-    Features (fine -> coarse): the four decoder outputs at H, H/2, H/4, H/8 and the bottleneck at H/16, with
-    channels ``[features[5], features[1], features[2], features[3], features[4]]``.
+    Features (fine -> coarse): the four decoder outputs at H, H/2, H/4, H/8 and the bottleneck at H/16 (every
+    axis), with channels ``[features[5], features[1], features[2], features[3], features[4]]``.
 
     Args:
         in_channels: image channels C.
@@ -115,6 +120,7 @@ class UNetSegmentor(Segmentor):
         features: the six BasicUNet widths (five encoder levels, last decoder level).
         dropout: dropout probability inside the conv blocks.
         norm: MONAI norm name (``"instance"``, ``"batch"``, ``"group"`` ...).
+        spatial_dims: 2 or 3.
     """
 
     def __init__(
@@ -125,13 +131,14 @@ class UNetSegmentor(Segmentor):
         features: Sequence[int] = (32, 32, 64, 128, 256, 32),
         dropout: float = 0.0,
         norm: str = "instance",
+        spatial_dims: int = 2,
     ) -> None:
-        super().__init__(num_classes)
+        super().__init__(num_classes, spatial_dims)
         f = tuple(features)
         if len(f) != 6:
             raise ValueError(f"features must list 6 widths, got {len(f)}")
-        self.net = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes, features=f,
-                             dropout=dropout, norm=norm)
+        self.net = BasicUNet(spatial_dims=self.spatial_dims, in_channels=in_channels, out_channels=num_classes,
+                             features=f, dropout=dropout, norm=norm)
         self.feature_modules = ["upcat_1", "upcat_2", "upcat_3", "upcat_4", "down_4"]
         self.feature_channels = [f[5], f[1], f[2], f[3], f[4]]
         self.size_multiple = 16
@@ -139,7 +146,7 @@ class UNetSegmentor(Segmentor):
 
 @SEGMENTORS.register("attention_unet")
 class AttentionUNetSegmentor(Segmentor):
-    """MONAI ``AttentionUnet`` (2D, Oktay et al.): ``len(channels) - 1`` stride-2 levels.
+    """MONAI ``AttentionUnet`` (2D or 3D, Oktay et al.): ``len(channels) - 1`` stride-2 levels.
 
     Features (fine -> coarse): the output of every attention-gated decoder level (``channels[0]`` at H, ...,
     ``channels[-2]``) and the bottleneck block (``channels[-1]``); ``feature_channels == list(channels)``.
@@ -149,6 +156,7 @@ class AttentionUNetSegmentor(Segmentor):
         num_classes: K mask channels.
         channels: widths from the top level down (at least 2).
         dropout: dropout probability.
+        spatial_dims: 2 or 3.
     """
 
     def __init__(
@@ -158,13 +166,14 @@ class AttentionUNetSegmentor(Segmentor):
         *,
         channels: Sequence[int] = (32, 64, 128, 256, 512),
         dropout: float = 0.0,
+        spatial_dims: int = 2,
     ) -> None:
-        super().__init__(num_classes)
+        super().__init__(num_classes, spatial_dims)
         ch = tuple(channels)
         if len(ch) < 2:
             raise ValueError("channels must list at least 2 widths")
-        self.net = AttentionUnet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes, channels=ch,
-                                 strides=(2,) * (len(ch) - 1), dropout=dropout)
+        self.net = AttentionUnet(spatial_dims=self.spatial_dims, in_channels=in_channels, out_channels=num_classes,
+                                 channels=ch, strides=(2,) * (len(ch) - 1), dropout=dropout)
         # Nested AttentionLayers in registration (= depth-first) order run from the full-resolution level down.
         layers = [name for name, mod in self.net.named_modules() if isinstance(mod, AttentionLayer)]
         self.feature_modules = [*layers, f"{layers[-1]}.submodule"]
@@ -174,7 +183,7 @@ class AttentionUNetSegmentor(Segmentor):
 
 @SEGMENTORS.register("segresnet")
 class SegResNetSegmentor(Segmentor):
-    """MONAI ``SegResNet`` (2D, Myronenko): ``len(blocks_down) - 1`` stride-2 levels.
+    """MONAI ``SegResNet`` (2D or 3D, Myronenko): ``len(blocks_down) - 1`` stride-2 levels.
 
     Features (fine -> coarse): the decoder levels at H, H/2, ... (``init_filters * 2^i`` channels) and the
     deepest encoder level (``init_filters * 2^(len(blocks_down) - 1)``).
@@ -186,6 +195,7 @@ class SegResNetSegmentor(Segmentor):
         blocks_down: residual blocks per encoder level.
         blocks_up: residual blocks per decoder level (``len(blocks_down) - 1`` entries).
         dropout: dropout probability after the first convolution (None: no dropout).
+        spatial_dims: 2 or 3.
     """
 
     def __init__(
@@ -197,11 +207,12 @@ class SegResNetSegmentor(Segmentor):
         blocks_down: Sequence[int] = (1, 2, 2, 4),
         blocks_up: Sequence[int] = (1, 1, 1),
         dropout: float | None = None,
+        spatial_dims: int = 2,
     ) -> None:
-        super().__init__(num_classes)
+        super().__init__(num_classes, spatial_dims)
         if len(blocks_up) != len(blocks_down) - 1:
             raise ValueError("blocks_up must have len(blocks_down) - 1 entries")
-        self.net = SegResNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
+        self.net = SegResNet(spatial_dims=self.spatial_dims, in_channels=in_channels, out_channels=num_classes,
                              init_filters=init_filters, blocks_down=tuple(blocks_down), blocks_up=tuple(blocks_up),
                              dropout_prob=dropout)
         n_up = len(blocks_up)

@@ -194,7 +194,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
     val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False) if tc.val_every > 0 else None
 
     # ---- method, optimizers, EMA, precision chosen for this device ----
-    hw = resolve_for(tc.precision, tc.channels_last, device)
+    hw = resolve_for(tc.precision, tc.channels_last, device, cfg.data.spatial_dims)
     method = build(cfg)
     method.check_geometry(cfg)  # a size the networks cannot take fails here, not at the first forward pass
     method = method.to(device)
