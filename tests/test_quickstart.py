@@ -67,3 +67,24 @@ def test_the_whole_pipeline_with_a_tiny_plan(tmp_path):
     (tmp_path / "qs" / "leftover.txt").write_text("from the first run")
     run_quickstart(tmp_path / "qs", plan=plan, log=lambda s: None)
     assert not (tmp_path / "qs" / "leftover.txt").exists()
+
+
+def test_the_3d_pipeline_with_a_tiny_plan(tmp_path):
+    """``quickstart --3d``: 3D slabs as nnU-Net data, 3D HiDiff, sliding-window NIfTI predictions on the input's
+    affine, per-volume scores in mm, the report."""
+    import nibabel as nib
+
+    from diffmis.quickstart import run_quickstart_3d
+
+    plan = Plan(image_size=0, segmentor_steps=2, hidiff_steps=2, segmentor_step_s=0.0, hidiff_step_s=0.0, minutes=0.0,
+                geometry="48x48x16 patches")
+    lines: list[str] = []
+    res = run_quickstart_3d(tmp_path / "qs3d", plan=plan, log=lines.append)
+    assert res.steps == 4 and res.report.is_file() and set(res.dice) == {"segmentor", "hidiff"}
+    text = "\n".join(lines)
+    assert "per-volume Dice" in text and "48x48x16 patches" in text
+    pred = nib.load(str(res.run_dir / "predictions" / "hidiff" / "mni3d_z48.nii.gz"))
+    ref = nib.load(str(tmp_path / "qs3d" / "test_masks" / "mni3d_z48.nii.gz"))
+    assert pred.shape == ref.shape == (80, 96, 16) and (pred.affine == ref.affine).all()
+    summary = (res.run_dir / "eval" / "hidiff" / "summary.json").read_text()
+    assert "per volume" in summary

@@ -114,6 +114,17 @@ def _read_npy(path: Path, what: str) -> np.ndarray:
 # ---------------------------------------------------------------- results
 
 
+def convention(kinds: set[str], spacing_given: bool) -> str:
+    """One sentence naming how the cases were scored (``docs/evaluation.md``, "Per image or per volume")."""
+    unit = "the given spacing" if spacing_given else None
+    if kinds == {"volume"}:
+        return ("per volume: each NIfTI case is one 3D score (slice-wise predictions reassembled into their "
+                f"volume), distances in mm from {unit or 'the reference header spacing'}")
+    if kinds == {"image"}:
+        return f"per image: each 2D mask is one score, distances in {unit or 'pixels'}"
+    return "mixed: NIfTI cases scored per volume (mm), 2D masks per image (pixels)"
+
+
 def _clean(value: Any) -> Any:
     """NaN/inf -> None, numpy scalars -> Python, recursively (strict JSON)."""
     if isinstance(value, dict):
@@ -447,6 +458,7 @@ def evaluate_folders(
         metric_names += ["Dice_lenient", "IoU_lenient"]
 
     cases: list[CaseResult] = []
+    kinds: set[str] = set()  # "volume" / "image": the scoring convention of each case
     pooled: Optional[Calibration] = None
     unc_values: list[np.ndarray] = []  # per-pixel uncertainty and error of every case, for the pooled AUROC
     err_values: list[np.ndarray] = []
@@ -454,6 +466,7 @@ def evaluate_folders(
         ref, header_spacing = read_scored_labels(ref_path)
         _check_labels(ref, n_labels, ref_path)
         sp = _case_spacing(spacing, header_spacing, ref.ndim, ref_path)
+        kinds.add("volume" if ref.ndim == 3 and min(ref.shape) > 1 else "image")
         case = CaseResult(
             id=case_id,
             ref=ref_path.resolve(),
@@ -518,6 +531,7 @@ def evaluate_folders(
             pooled = cal if pooled is None else pooled.merge(cal)
 
     options = {
+        "convention": convention(kinds, spacing is not None),
         "pred_dir": Path(pred_dir).resolve(),
         "ref_dir": Path(ref_dir).resolve(),
         "num_labels": n_labels,

@@ -333,7 +333,7 @@ def run_quickstart_3d(out: str | Path = "quickstart3d", minutes: float = 5.0, se
     report = write_report(run_dir)
     seconds = time.time() - t0
     log("")
-    log(f"{'method':<12}{'per-volume Dice (GM+WM mean)':>30}{'NFE/window':>12}{'s/volume':>10}")
+    log(f"{'method':<12}{'per-volume Dice (GM+WM mean)':>30}{'NFE/volume':>12}{'s/volume':>10}")
     for name in ("segmentor", "hidiff"):
         tm = timings[name]
         log(f"{name:<12}{dice[name]:>30.4f}{(tm['nfe_per_image'] or 0):>12.0f}"

@@ -500,7 +500,8 @@ def _case_dice(entry: dict[str, Any]) -> Optional[float]:
 
 
 def _case_figure(case_id: str, sets: dict[str, _EvalSet], first: str) -> tuple[str, list[str]]:
-    """One row of panels for a case; returns the ``<img>`` and notes on files that could not be shown."""
+    """One row of panels for a 2D case; for a volume one row per axis (three orthogonal slices, each through the
+    plane with the most reference foreground). Returns the ``<img>`` and notes on files that could not be shown."""
     notes: list[str] = []
     base = sets[first].folder
     entry = sets[first].cases[case_id]
@@ -508,10 +509,10 @@ def _case_figure(case_id: str, sets: dict[str, _EvalSet], first: str) -> tuple[s
     if ref_path is None:
         return "", [f"reference of case '{case_id}' not found ({entry.get('ref')})"]
     truth, _ = read_scored_labels(ref_path)
-    index = None
-    if truth.ndim == 3:  # a volume: show the slice with the most reference foreground (last axis)
-        index = int(np.argmax((truth > 0).reshape(-1, truth.shape[-1]).sum(0)))
-    truth2d = _slice(truth, index)
+    views: list[Optional[tuple[int, int]]] = [None]
+    if truth.ndim == 3:  # a volume: orthogonal slices through the planes with the most reference foreground
+        fg = truth > 0
+        views = [(ax, int(np.argmax(fg.sum(axis=tuple(a for a in range(3) if a != ax))))) for ax in range(3)]
 
     image = None
     image_entry = next((s.cases[case_id]["image"] for s in sets.values()
@@ -519,27 +520,27 @@ def _case_figure(case_id: str, sets: dict[str, _EvalSet], first: str) -> tuple[s
     image_path = _resolve(image_entry, base)
     if image_path is not None:
         image = _read_display_image(image_path)
-        image = image[..., index] if index is not None and image.ndim == 3 else image
-        if image.shape[:2] != truth2d.shape:
-            notes.append(f"image {image_path} has size {image.shape[:2]}, mask {truth2d.shape}: not shown")
+        if image.shape[:truth.ndim] != truth.shape:
+            notes.append(f"image {image_path} has size {image.shape[:truth.ndim]}, mask {truth.shape}: not shown")
             image = None
     else:
         notes.append(f"no image for case '{case_id}'" + (f" ({image_entry} not found)" if image_entry else ""))
 
-    # (kind, title, payload): kind is "image", "truth", "pred" (label map or None) or "unc" (float map)
+    # (kind, title, payload): kind is "image", "truth", "pred" (label map or None) or "unc" (float map); the
+    # payloads are whole arrays (volumes), cut per view below
     panels: list[tuple[str, str, Any]] = [("image", "image" if image is not None else "image (none)", None),
                                           ("truth", "truth", None)]
     for name, s in sets.items():
         c = s.cases.get(case_id)
         if c is None:
             continue
-        fg = _case_dice(c)
-        dice = f" Dice {fg:.3f}" if fg is not None else ""
+        fgd = _case_dice(c)
+        dice = f" Dice {fgd:.3f}" if fgd is not None else ""
         pred_path = _resolve(c.get("pred"), s.folder)
         pred = None
         if pred_path is not None:
             pred_arr, _ = read_scored_labels(pred_path)
-            pred = _slice(pred_arr, index) if pred_arr.shape == truth.shape else None
+            pred = pred_arr if pred_arr.shape == truth.shape else None
             if pred is None:
                 notes.append(f"prediction {pred_path} has shape {pred_arr.shape}, reference {truth.shape}")
         else:
@@ -548,33 +549,45 @@ def _case_figure(case_id: str, sets: dict[str, _EvalSet], first: str) -> tuple[s
         unc_path = _resolve(c.get("uncertainty"), s.folder)
         if unc_path is not None:
             unc = np.squeeze(np.load(unc_path, allow_pickle=False).astype(np.float64))
-            unc = _slice(unc, index) if unc.ndim == 3 else unc
-            if unc.shape == truth2d.shape:
+            if unc.shape == truth.shape:
                 panels.append(("unc", f"{name} uncertainty", unc))
             else:
-                notes.append(f"uncertainty {unc_path} has shape {unc.shape}, mask {truth2d.shape}: not shown")
+                notes.append(f"uncertainty {unc_path} has shape {unc.shape}, mask {truth.shape}: not shown")
+
+    def cut(arr: np.ndarray, view: Optional[tuple[int, int]]) -> np.ndarray:
+        # a volume's plane turned a quarter so that its second voxel axis runs upwards (z up in the sagittal and
+        # coronal planes, y up in the axial one, as NIfTI viewers show RAS volumes)
+        return arr if view is None else np.rot90(np.take(arr, view[1], axis=view[0]))
 
     n = len(panels)
-    h, w = truth2d.shape
     panel = min(3.4, 13.0 / n)  # inches: the row fills the page width at 90 dpi
-    fig = _figure(panel * n, panel * h / w + 0.4)
-    axes = np.atleast_1d(fig.subplots(1, n))
-    for ax, (kind, title, payload) in zip(axes, panels):
-        if kind == "unc":
-            lo = min(0.0, float(payload.min()))
-            hi = float(payload.max())
-            im = ax.imshow(payload, cmap="magma", interpolation="nearest", vmin=lo, vmax=hi if hi > lo else lo + 1.0)
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
-        elif kind == "truth":
-            _show(ax, image, _truth_overlay(truth2d), title, truth2d.shape)
-        elif kind == "pred":
-            _show(ax, image, None if payload is None else _error_overlay(payload, truth2d), title, truth2d.shape)
-        else:
-            _show(ax, image, None, title, truth2d.shape)
-    if index is not None:
-        fig.suptitle(f"{case_id}: slice {index} of the last axis (most reference foreground)", fontsize=10)
+    ratios = [h / w for h, w in (cut(truth, v).shape for v in views)]
+    fig = _figure(panel * n, sum(panel * r + 0.4 for r in ratios))
+    axes = np.asarray(fig.subplots(len(views), n, squeeze=False, gridspec_kw={"height_ratios": ratios}))
+    for row, view in enumerate(views):
+        truth2d = cut(truth, view)
+        img2d = None if image is None else cut(image, view)
+        where = "" if view is None else f" ({'xyz'[view[0]]} = {view[1]})"
+        for ax, (kind, title, payload) in zip(axes[row], panels):
+            title = title + where if kind in ("image",) else title
+            if kind == "unc":
+                u = cut(payload, view)
+                lo = min(0.0, float(u.min()))
+                hi = float(u.max())
+                im = ax.imshow(u, cmap="magma", interpolation="nearest", vmin=lo, vmax=hi if hi > lo else lo + 1.0)
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+                ax.set_title(title, fontsize=9)
+                ax.axis("off")
+            elif kind == "truth":
+                _show(ax, img2d, _truth_overlay(truth2d), title, truth2d.shape)
+            elif kind == "pred":
+                _show(ax, img2d, None if payload is None else _error_overlay(cut(payload, view), truth2d), title,
+                      truth2d.shape)
+            else:
+                _show(ax, img2d, None, title, truth2d.shape)
+    if views[0] is not None:
+        fig.suptitle(f"{case_id}: orthogonal slices through the planes with the most reference foreground",
+                     fontsize=10)
     fig.tight_layout()
     return _png(fig), notes
 

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         det = result.error_detection
         print(f"error detection by the uncertainty: AUROC {_fmt(det['auroc'])} ({det['n_errors']} wrong of "
               f"{det['n_pixels']} pixels)")
+    print(f"convention: {result.options['convention']}")
     print(f"{len(result.cases)} cases; summary: {out}" + (f"; per case: {args.csv}" if args.csv else ""))
     for path in result.extra:
         print(f"diffmis evaluate: warning: prediction without a reference, not scored: {path}", file=sys.stderr)

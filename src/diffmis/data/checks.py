@@ -34,6 +34,7 @@ from diffmis.data.io import (
     load_image_array,
     load_mask_array,
     read_volume,
+    volume_affine,
     volume_shape,
 )
 from diffmis.data.labels import LabelSpec, fmt_values, fov_problem, lossy_hint
@@ -374,6 +375,12 @@ def _check_case(index: NnunetIndex, case: str, chans: list[Path], label: Optiona
             elif sp is not None and ref_sp is not None and not np.allclose(sp, ref_sp, rtol=1e-3, atol=1e-5):
                 item.problems.append((str(p), f"voxel spacing {tuple(round(s, 4) for s in sp)} differs from "
                                               f"{ref_p.name} {tuple(round(s, 4) for s in ref_sp)} (case '{case}')"))
+            elif not index.is_2d:
+                a, b = volume_affine(ref_p), volume_affine(p)
+                if not np.allclose(a, b, rtol=1e-3, atol=1e-3):
+                    item.problems.append((str(p), f"its affine (origin/orientation) differs from {ref_p.name}'s "
+                                                  f"(case '{case}'): the label lies on another grid in space; "
+                                                  "resample it onto the image (same voxels, same affine)"))
     if index.is_2d and readable and index.channel_names and n_chan != len(index.channel_names):
         item.problems.append((str(chans[0]), f"case '{case}' has {n_chan} channel(s); dataset.json declares "
                                              f"{len(index.channel_names)}"))

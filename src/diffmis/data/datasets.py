@@ -292,7 +292,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self._cache: Optional[list[Raw]] = None
         if cache:
             self._cache = self._preload(root, workers)
-            if train and patch_size is not None and spatial_dims == 2:  # every size is known: a too-small image fails before step 0
+            if train and patch_size is not None and spatial_dims == 2:  # every size known: a small image fails now
                 small = [self._patch_problem(i, raw[1]) for i, raw in enumerate(self._cache)]
                 _raise_all(root, [msg for msg in small if msg])
 

@@ -269,6 +269,15 @@ def volume_shape(path: PathLike) -> tuple[tuple[int, int, int], tuple[float, flo
     return shape, (z[0], z[1], z[2])
 
 
+def volume_affine(path: PathLike) -> np.ndarray:
+    """The ``(4, 4)`` voxel-to-world matrix of a NIfTI file, from its header only.
+
+    Raises:
+        DataError: missing file or unreadable header.
+    """
+    return np.asarray(_load_nifti(Path(path)).affine, dtype=np.float64)
+
+
 def read_volume(path: PathLike) -> Volume:
     """Read a NIfTI volume fully (decompressing it).
 

@@ -17,8 +17,9 @@ Rules (fixed, so every run sees the same data):
   are skipped (133 of 189 remain).
 - 3D (:func:`mni_volumes`, ``data.spatial_dims: 3``): the T1 and the two tissue maps are averaged over 2x2x2
   blocks (2 mm voxels), labelled by the same argmax, cropped to the brain (x 8..88, y 10..106) and cut into
-  axial slabs of :data:`SLAB` slices (z 0..80); slab ``b`` goes to ``SPLIT_PATTERN[b]`` (3 train, 1 val, 1
-  test). Each slab is one volume of 80 x 96 x 16 voxels in NIfTI voxel order (x, y, z).
+  axial slabs of :data:`SLAB` slices (z 0..80); slab ``b`` goes to ``SPLIT_PATTERN_3D[b]`` (3 train, 1 val, 1
+  test; val and test each lie between training slabs, so neither asks the network to extrapolate to the top or
+  the bottom of the brain). Each slab is one volume of 80 x 96 x 16 voxels in NIfTI voxel order (x, y, z).
 - Split: the kept slices, in z order, form blocks of :data:`BLOCK` consecutive slices; block ``b`` goes to
   ``SPLIT_PATTERN[b % 5]`` = train, train, val, train, test. Every split thus covers the whole brain from
   bottom to top, and neighbouring slices mostly share a split. All slices come from one template, so the
@@ -58,6 +59,7 @@ SPLIT_PATTERN = ("train", "train", "val", "train", "test")
 SLAB = 16
 CROP_3D = (slice(8, 88), slice(10, 106), slice(0, 5 * SLAB))
 SPACING_3D = (2.0, 2.0, 2.0)
+SPLIT_PATTERN_3D = ("train", "val", "train", "test", "train")
 
 
 def mni_data_dir() -> Path:
@@ -151,7 +153,7 @@ def mni_volumes() -> MniVolumes:
     labs = np.stack([np.ascontiguousarray(labels[:, :, b * SLAB:(b + 1) * SLAB]) for b in range(n)])
     splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for b in range(n):
-        splits[SPLIT_PATTERN[b % len(SPLIT_PATTERN)]].append(b)
+        splits[SPLIT_PATTERN_3D[b % len(SPLIT_PATTERN_3D)]].append(b)
     return MniVolumes(tuple(f"mni3d_z{b * SLAB:02d}" for b in range(n)), images.astype(np.float32), labs,
                       SPACING_3D, {k: tuple(v) for k, v in splits.items()})
 
@@ -209,7 +211,8 @@ def write_mni3d(out_dir: Union[str, Path]) -> Path:
     data = mni_volumes()
     affine = np.diag([*data.spacing, 1.0])
     for i, vid in enumerate(data.ids):
-        nib.save(nib.Nifti1Image(data.images[i].astype(np.float32), affine), str(root / "imagesTr" / f"{vid}_0000.nii.gz"))
+        image = nib.Nifti1Image(data.images[i].astype(np.float32), affine)
+        nib.save(image, str(root / "imagesTr" / f"{vid}_0000.nii.gz"))
         nib.save(nib.Nifti1Image(data.labels[i].astype(np.uint8), affine), str(root / "labelsTr" / f"{vid}.nii.gz"))
     for name, idx in data.splits.items():
         atomic_write_text(root / "splits" / f"{name}.txt", "".join(f"{data.ids[i]}\n" for i in idx))
