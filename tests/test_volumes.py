@@ -238,3 +238,12 @@ def test_data_check_finds_a_label_on_another_grid_and_empty_labels(tmp_path):
     report = check_dataset(root, num_classes=3)
     assert any("affine" in msg and "mni3d_z00" in path for path, msg in report.problems)
     assert report.counts["empty_masks"] == 1
+
+
+def test_3d_runs_on_a_cpu_resolve_auto_to_fp32_contiguous():
+    from diffmis.hardware import resolve_for
+
+    res = resolve_for("auto", "auto", "cpu", 3)
+    assert res.precision == "fp32" and not res.channels_last  # on every CPU kind (see resolve_for)
+    assert resolve_for("bf16", True, "cpu", 3).precision == "bf16"  # an explicit choice is kept
+    assert not resolve_for("bf16", True, "cpu", 3).channels_last  # channels-last is a 4-D layout
