@@ -259,6 +259,52 @@ def threads_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def volumes_table(data: dict[str, Any]) -> str:
+    """MSD Hippocampus (``volumes.py``): 3D and 2D slice-wise runs, all scored per volume."""
+    rows = [r for r in data["rows"].values() if r.get("variant", "default") == "default"]
+    if not rows:
+        return "(no rows)"
+    env = data.get("environment") or {}
+    cmds = sorted(set((data.get("commands") or {}).values()))
+    lines = [f"{data['n_cases']} {data['eval_split']} volumes, {rows[0]['budget_minutes']:g} min of training per "
+             f"method (segmentor phase counted), {_machine(env)}; per-volume scores, mean +- std over volumes, HD95 "
+             "in mm. Commands: " + "; ".join(f"`{c}`" for c in cmds), "",
+             "| method | networks | minutes (steps) per phase | sampler | Dice | IoU | HD95 (mm) | ECE | "
+             "uncertainty AUROC | batched calls / volume | s / volume |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    best = max(r["dice_mean"] for r in rows)
+    order = ["segmentor", "hidiff_segmentor", "hidiff", "pd_ddpm_segmentor", "pd_ddpm", "medsegdiff",
+             "medsegdiff_v2", "berdiff"]
+    for dims in (3, 2):
+        for m in order:
+            r = next((x for x in rows if x["method"] == m and x["dims"] == dims), None)
+            if r is None:
+                continue
+            dice = f"{r['dice_mean']:.3f} +- {r['dice_std']:.3f}"
+            if r["dice_mean"] == best:
+                dice = f"**{dice}**"
+            label = LABEL.get(m, m)
+            lines.append(f"| {label} | {dims}D | {_budget(r)} | {_sampler(r)} | {dice} | "
+                         f"{r['iou_mean']:.3f} +- {r['iou_std']:.3f} | {r['hd95_mean']:.2f} +- {r['hd95_std']:.2f} | "
+                         f"{_f(r.get('ece'), '.3f')} | {_f(r.get('error_auroc'), '.3f')} | {r['nfe_per_image']:.1f} | "
+                         f"{r['seconds_per_image']:.2f} |")
+    return "\n".join(lines)
+
+
+def volume_predict_table(data: dict[str, Any]) -> str:
+    """One 256x256x160 volume (``volume_predict.py``): time and peak memory of 3D prediction."""
+    env = data.get("environment") or {}
+    lines = [f"{_machine(env)}. Command: `{data.get('command')}`", "",
+             "| config | ensemble | sampler | windows | batched calls | seconds | peak memory (GiB) |",
+             "|---|---:|---|---|---:|---:|---:|"]
+    for r in data["rows"]:
+        sampler = f"{r['sampler']} {r['steps']}" + (f" below T'={r['start_step']}" if r.get("start_step") else "")
+        lines.append(f"| `{r['config']}` | {r['ensemble']} | {sampler} | {'x'.join(map(str, r['window']))}, "
+                     f"{r['windows_per_call']} per call | {r['network_calls']} | {r['seconds']:.1f} | "
+                     f"{r['peak_rss_gib']:.2f} |")
+    return "\n".join(lines)
+
+
 def fill_readme(readme: Path) -> None:
     """Replace each ``<!-- render:NAME -->`` ... ``<!-- /render -->`` block of README.md with NAME's table."""
     import re
@@ -277,9 +323,12 @@ def fill_readme(readme: Path) -> None:
         kind = name.split("_")[0].removesuffix(".json")
         if name.endswith("_tune.json"):
             kind = "variants"
+        if name == "volume_predict.json":
+            kind = "volume_predict"
         try:
             body = {"quality": quality_table, "variants": variants_table, "nfe": nfe_table, "speed": speed_table,
-                    "precision": precision_table, "threads": threads_table}[kind](data)
+                    "precision": precision_table, "threads": threads_table, "volumes": volumes_table,
+                    "volume_predict": volume_predict_table}[kind](data)
         except (KeyError, TypeError):  # a result file of an older format: its block stays as it is
             print(f"left {name} as it is (older format)")
             return m.group(0)

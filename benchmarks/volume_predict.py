@@ -3,7 +3,8 @@
 A synthetic 256x256x160 volume (timing does not depend on the content) is segmented by a 3D HiDiff and a 3D
 PD-DDPM (the shipped ``*_mni3d`` recipes: 48x48x16 windows, overlap 0.25, Gaussian blending, 4 windows per network
 call, outputs accumulated on the CPU) at their default samplers, with 1 and with 5 ensemble members. Each variant
-runs in a fresh process, so its peak resident memory (``ru_maxrss``) is its own; the weights are freshly
+runs in a fresh process, so its peak resident memory (``VmHWM``, the whole process: Python, torch, the
+weights, the volume and every buffer) is its own; the weights are freshly
 initialised (the cost of a forward pass does not depend on them).
 
     python benchmarks/volume_predict.py                  # -> benchmarks/results/volume_predict.json
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, CpuMonitor, environment, write_result  # noqa: E402
+from common import RESULTS, CpuMonitor, environment, peak_rss_mib, write_result  # noqa: E402
 
 SHAPE = (256, 256, 160)
 VARIANTS = [("hidiff_mni3d", 1), ("hidiff_mni3d", 5), ("pd_ddpm_mni3d", 1), ("pd_ddpm_mni3d", 5)]
@@ -42,13 +42,13 @@ def child(config: str, ensemble: int, shape: tuple[int, ...]) -> dict[str, Any]:
     method = build(cfg)
     pred = Predictor(method, cfg, ensemble=ensemble)
     vol = np.random.default_rng(0).normal(100.0, 20.0, size=(1, *shape)).astype(np.float32)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_mib()
     t0 = time.perf_counter()
     out = pred.predict_volume(vol, source="synthetic")
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = peak_rss_mib()  # VmHWM of this process image (ru_maxrss would start at the parent's peak)
     return {"config": config, "ensemble": ensemble, "shape": list(shape), "seconds": round(seconds, 1),
-            "peak_rss_gib": round(peak / 2**20, 3), "rss_before_gib": round(base / 2**20, 3),
+            "peak_rss_gib": round(peak / 1024, 3), "rss_before_gib": round(base / 1024, 3),
             "network_calls": out.nfe, "sampler": pred.sampler, "steps": pred.steps,
             "start_step": pred.start_step, "precision": pred.precision, "window": list(cfg.data.patch_size),
             "windows_per_call": pred.batch_size, "label_shape": list(out.label.shape)}

@@ -183,6 +183,30 @@ def test_oracle_network_samples_the_truth(recipe, k):
 
 
 @pytest.mark.parametrize("recipe", sorted(ENTRIES))
+def test_oracle_network_samples_the_truth_on_volumes(recipe):
+    """The same method code on (B, K, X, Y, Z): schedulers, samplers and the members' repetition work on volumes
+    unchanged (3D networks; the oracle replaces the denoiser, the segmentors run for real)."""
+    torch.manual_seed(0)
+    d = tiny_config(recipe, Path("/tmp"), num_classes=3)
+    d["data"] = {"kind": "mni", "spatial_dims": 3, "image_size": None, "patch_size": [32, 32, 16],
+                 "in_channels": 1, "num_classes": 3}
+    method = build(config_from_dict(d)).eval()
+    assert all(getattr(m, "spatial_dims", 3) == 3 for m in method.modules())
+    zz, yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), torch.arange(16), indexing="ij")
+    labels = torch.zeros(2, 32, 32, 16, dtype=torch.long)
+    for i in range(2):
+        labels[i][(zz - 12 - 3 * i) ** 2 + (yy - 14) ** 2 + (xx - 8) ** 2 <= 30] = 1  # a ball
+        labels[i][20:27, 4 + i:11 + i, 3:9] = 2  # a box
+    mask = one_hot(labels, 3)
+    ENTRIES[recipe].oracle(method, mask)
+    kw = {"start_step": 0} if method.own_prior else {}
+    with torch.no_grad():
+        out = method.sample(images_of(mask), generator=torch.Generator().manual_seed(2), members=2, **kw)
+    assert out.probs.shape == (4, 3, 32, 32, 16)
+    assert torch.equal(hard_labels(out.probs), hard_labels(mask.repeat_interleave(2, 0)))
+
+
+@pytest.mark.parametrize("recipe", sorted(ENTRIES))
 def test_it_learns_one_tiny_batch(recipe):
     """A few dozen optimizer steps on one batch: the training loss goes down and the default sampler's Dice on
     that batch exceeds 0.9."""

@@ -247,3 +247,31 @@ def test_3d_runs_on_a_cpu_resolve_auto_to_fp32_contiguous():
     assert res.precision == "fp32" and not res.channels_last  # on every CPU kind (see resolve_for)
     assert resolve_for("bf16", True, "cpu", 3).precision == "bf16"  # an explicit choice is kept
     assert not resolve_for("bf16", True, "cpu", 3).channels_last  # channels-last is a 4-D layout
+
+
+def test_folder_layout_of_nifti_volumes(tmp_path):
+    """images/<id>.nii.gz + masks/<id>.nii.gz + splits/: read whole by a 3D run, refused by a 2D one, checked."""
+    from diffmis.data import check_dataset
+
+    vols = mni_volumes()
+    root = tmp_path / "vols"
+    for sub in ("images", "masks", "splits"):
+        (root / sub).mkdir(parents=True)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for i, vid in enumerate(vols.ids):
+        nib.save(nib.Nifti1Image(vols.images[i], affine), str(root / "images" / f"{vid}.nii.gz"))
+        nib.save(nib.Nifti1Image(vols.labels[i], affine), str(root / "masks" / f"{vid}.nii.gz"))
+    for name, idx in vols.splits.items():
+        (root / "splits" / f"{name}.txt").write_text("".join(f"{vols.ids[i]}\n" for i in idx))
+    cfg = DataConfig(kind="folder", root=str(root), spatial_dims=3, image_size=None, patch_size=[32, 32, 16],
+                     in_channels=1, num_classes=3)
+    train = build_dataset(cfg, "train", train=True)
+    assert train[0]["image"].shape == (1, 32, 32, 16) and train[0]["mask"].shape == (3, 32, 32, 16)
+    assert build_dataset(cfg, "test", train=False)[0]["image"].shape == (1, 80, 96, 16)
+    with pytest.raises(Exception, match="spatial_dims=3"):
+        build_dataset(DataConfig(kind="folder", root=str(root), in_channels=1, num_classes=3), "train", train=True)
+    assert check_dataset(root, num_classes=3).ok
+    bad = np.asarray(nib.load(str(root / "masks" / f"{vols.ids[0]}.nii.gz")).dataobj)[:, :, :8]
+    nib.save(nib.Nifti1Image(bad, affine), str(root / "masks" / f"{vols.ids[0]}.nii.gz"))
+    report = check_dataset(root, num_classes=3)
+    assert any("shape" in msg for _, msg in report.problems)

@@ -143,9 +143,6 @@ class DataConfig(_Section):
                                  "slides a window of that size over each volume")
             if self.kind == "synthetic":
                 raise ValueError("data.kind=synthetic makes 2D images; for a built-in 3D set use data.kind=mni")
-            if self.kind == "folder":
-                raise ValueError("3D runs read volumes from the nnU-Net raw layout (data.kind=nnunet) or the "
-                                 "built-in MNI volume (data.kind=mni)")
         elif self.spacing is not None:
             raise ValueError("data.spacing resamples volumes of 3D runs (data.spatial_dims=3); 2D runs resize "
                              "with data.image_size")

@@ -30,10 +30,12 @@ import numpy as np
 from diffmis.errors import DataError
 
 from diffmis.data.io import (
+    NIFTI_SUFFIXES,
     image_header,
     load_image_array,
     load_mask_array,
     read_volume,
+    split_suffix,
     volume_affine,
     volume_shape,
 )
@@ -166,9 +168,56 @@ def _size_msg(what: str, got: tuple[int, ...], ref: Path, want: tuple[int, ...])
             f"{'x'.join(map(str, want))}")
 
 
+def _is_nifti(path: Path) -> bool:
+    return split_suffix(path.name)[1] in NIFTI_SUFFIXES
+
+
+def _check_volume_pair(image: Path, mask: Optional[Path], spec: LabelSpec, full: bool) -> _Item:
+    """Checks of one NIfTI image with its NIfTI label volume (folder layout, 3D runs): shape, spacing and affine
+    agree; with ``full`` both decode and the labels are whole numbers of the declared values."""
+    item = _Item()
+    try:
+        shape, spacing = volume_shape(image)
+        if full:
+            read_volume(image)
+        item.size, item.channels = shape, 1
+    except DataError as err:
+        item.problems.append((str(image), _strip(err, image)))
+        return item
+    if mask is None:
+        return item
+    if not _is_nifti(mask):
+        item.problems.append((str(mask), f"the image {image.name} is a NIfTI volume; its mask must be one too"))
+        return item
+    try:
+        mshape, mspacing = volume_shape(mask)
+        if mshape != shape:
+            item.problems.append((str(mask), f"shape {mshape} differs from its image {image.name} {shape}"))
+        elif not np.allclose(mspacing, spacing, rtol=1e-3, atol=1e-5):
+            item.problems.append((str(mask), f"voxel spacing {tuple(round(v, 4) for v in mspacing)} differs from "
+                                             f"its image {image.name} {tuple(round(v, 4) for v in spacing)}"))
+        elif not np.allclose(volume_affine(mask), volume_affine(image), rtol=1e-3, atol=1e-3):
+            item.problems.append((str(mask), f"its affine (origin/orientation) differs from its image {image.name}'s: "
+                                             "the label lies on another grid in space; resample it onto the image"))
+        if full:
+            vol = read_volume(mask)
+            if vol.data.dtype.kind == "f" and not np.all(vol.data == np.round(vol.data)):
+                raise DataError(f"{mask}: label volume holds non-integer values")
+            vals = frozenset(int(v) for v in np.unique(vol.data))
+            msg = spec.problem(sorted(vals))
+            if msg:
+                item.problems.append((str(mask), msg))
+            item.values, item.empty = vals, vals <= {0}
+    except DataError as err:
+        item.problems.append((str(mask), _strip(err, mask)))
+    return item
+
+
 def _check_2d_pair(image: Path, mask: Optional[Path], fov: Optional[Path], spec: LabelSpec,
                    in_channels: Optional[int], full: bool) -> _Item:
-    """Checks of one image with its mask and FOV (2D files)."""
+    """Checks of one image with its mask and FOV (2D files; NIfTI volumes go to :func:`_check_volume_pair`)."""
+    if _is_nifti(image):
+        return _check_volume_pair(image, mask, spec, full)
     item = _Item()
     try:
         if full:

@@ -47,7 +47,7 @@ from diffmis.errors import ConfigError, DataError
 from diffmis.masks import one_hot
 
 from diffmis.data.checks import MAX_LISTED, check_index, nnunet_label_spec, parallel_map
-from diffmis.data.io import load_image_array, load_mask_array, read_volume, volume_shape
+from diffmis.data.io import NIFTI_SUFFIXES, load_image_array, load_mask_array, read_volume, split_suffix, volume_shape
 from diffmis.data.labels import LabelSpec, fov_problem
 from diffmis.data.layouts import (
     FolderIndex,
@@ -430,6 +430,16 @@ def _folder_source(cfg: DataConfig, split: str) -> tuple[_Source, str]:
         raise report.error()
     ids = [i for _, i in resolved.ids]
     if isinstance(index, FolderIndex):
+        nifti = [i for i in ids if split_suffix(index.images[i].name)[1] in NIFTI_SUFFIXES]
+        if cfg.spatial_dims == 3:
+            flat = [i for i in ids if i not in set(nifti)]
+            if flat:
+                raise DataError(f"{root}: data.spatial_dims=3 reads NIfTI volumes; {len(flat)} image(s) are 2D files, "
+                                f"e.g. {index.images[flat[0]].name}")
+            return _Volume3DSource([(i, [index.images[i]], index.masks[i]) for i in ids], spec, cfg.spacing), str(root)
+        if nifti:
+            raise DataError(f"{root}: images/ holds NIfTI volumes (e.g. {index.images[nifti[0]].name}); train on them "
+                            "in 3D with data.spatial_dims=3, or slice by slice from the nnU-Net raw layout")
         fovs = [index.fov.get(i) if index.fov is not None else None for i in ids]
         return _FolderSource(ids, [[index.images[i]] for i in ids], [index.masks[i] for i in ids], fovs, spec,
                              cfg.in_channels, cfg.image_size), str(root)

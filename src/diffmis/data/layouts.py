@@ -116,7 +116,7 @@ def _list_images(folder: Path, problems: list[Problem], ignored: dict[str, list[
         if p.name.startswith(".") or not p.is_file():
             continue
         stem, suffix = split_suffix(p.name)
-        if suffix in IMAGE_SUFFIXES:
+        if suffix in IMAGE_SUFFIXES or suffix in NIFTI_SUFFIXES:  # 2D files, or NIfTI volumes (3D runs)
             groups.setdefault(stem, []).append(p)
         else:
             ignored.setdefault(stem, []).append(p)
