@@ -58,13 +58,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "ENSEMBLE"), help=argparse.SUPPRESS)
     ap.add_argument("--shape", type=int, nargs=3, default=list(SHAPE))
+    ap.add_argument("--variants", nargs="+", default=None, metavar="CONFIG:ENSEMBLE",
+                    help="e.g. hidiff_mni3d:1 hidiff_mni3d:5 (default: HiDiff and PD-DDPM with 1 and 5 members)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), tuple(args.shape))))
         return
     monitor = CpuMonitor()
     rows = []
-    for config, ens in VARIANTS:
+    variants = [(c, int(e)) for c, e in (v.split(":") for v in args.variants)] if args.variants else VARIANTS
+    for config, ens in variants:
         cmd = [sys.executable, __file__, "--child", config, str(ens), "--shape", *map(str, args.shape)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         row = json.loads(res.stdout.strip().splitlines()[-1])
@@ -72,9 +75,9 @@ def main() -> None:
         rows.append(row)
         print(f"{config} x{ens}: {row['seconds']} s, peak {row['peak_rss_gib']} GiB, {row['network_calls']} calls",
               flush=True)
-    write_result(RESULTS / "volume_predict.json", {
-        "benchmark": "volume_predict", "rows": rows, "environment": environment(), "load": monitor.summary(),
-        "command": "python benchmarks/volume_predict.py " + " ".join(sys.argv[1:])})
+        write_result(RESULTS / "volume_predict.json", {  # after every row: an interrupted run keeps its rows
+            "benchmark": "volume_predict", "rows": rows, "environment": environment(), "load": monitor.summary(),
+            "command": "python benchmarks/volume_predict.py " + " ".join(sys.argv[1:])})
 
 
 if __name__ == "__main__":
