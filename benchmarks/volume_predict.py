@@ -65,17 +65,19 @@ def main() -> None:
         print(json.dumps(child(args.child[0], int(args.child[1]), tuple(args.shape))))
         return
     monitor = CpuMonitor()
-    rows = []
+    out_json = RESULTS / "volume_predict.json"
+    rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []  # a rerun replaces its own rows
     variants = [(c, int(e)) for c, e in (v.split(":") for v in args.variants)] if args.variants else VARIANTS
     for config, ens in variants:
         cmd = [sys.executable, __file__, "--child", config, str(ens), "--shape", *map(str, args.shape)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         row = json.loads(res.stdout.strip().splitlines()[-1])
         row["within_4_gib"] = row["peak_rss_gib"] <= 4.0
-        rows.append(row)
+        row["command"] = "python benchmarks/volume_predict.py " + " ".join(sys.argv[1:])
+        rows = [r for r in rows if (r["config"], r["ensemble"]) != (config, ens)] + [row]
         print(f"{config} x{ens}: {row['seconds']} s, peak {row['peak_rss_gib']} GiB, {row['network_calls']} calls",
               flush=True)
-        write_result(RESULTS / "volume_predict.json", {  # after every row: an interrupted run keeps its rows
+        write_result(out_json, {  # after every row: an interrupted run keeps its rows
             "benchmark": "volume_predict", "rows": rows, "environment": environment(), "load": monitor.summary(),
             "command": "python benchmarks/volume_predict.py " + " ".join(sys.argv[1:])})
 
