@@ -25,7 +25,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -141,6 +141,31 @@ def _measure_steps(data_root: Path, size: int, seed: int, make: Optional[Callabl
     return statistics.median(secs[1:3]), statistics.median(secs[4:6])
 
 
+def _predict_and_score(run_dir: Path, inputs: list[Path], ref_dir: Path, img_dir: Path,
+                       before_scoring: Callable[[], None]) -> tuple[dict[str, float], dict[str, Any], Path]:
+    """Both quickstarts' last steps: predict ``inputs`` with the run's segmentor alone and with HiDiff (probability
+    and uncertainty maps), score both against ``ref_dir`` and write the report. Returns (foreground Dice by
+    name, NFE and seconds per image by name, the report's path)."""
+    from diffmis.evaluation import evaluate_folders
+    from diffmis.inference import Predictor, predict_paths
+    from diffmis.report import write_report
+
+    pred_root = run_dir / "predictions"
+    timings: dict[str, Any] = {}
+    for name, kwargs in (("segmentor", {"segmentor_only": True}), ("hidiff", {})):
+        pred = Predictor.from_run(run_dir, checkpoint="last", **kwargs)
+        s = predict_paths(pred, inputs, pred_root / name, save_prob=True, save_uncertainty=(name == "hidiff"))
+        timings[name] = {"nfe_per_image": s.nfe_per_image, "seconds_per_image": s.seconds_per_image}
+    before_scoring()
+    dice: dict[str, float] = {}
+    for name in ("segmentor", "hidiff"):
+        ev = evaluate_folders(pred_root / name, ref_dir, num_classes=3, images_dir=img_dir,
+                              uncertainty_dir=(pred_root / name / "uncertainty") if name == "hidiff" else None,
+                              prob_dir=pred_root / name / "prob", out_dir=run_dir / "eval" / name)
+        dice[name] = float(ev.foreground_mean["Dice"])
+    return dice, timings, write_report(run_dir)
+
+
 def _prepare_out(out: Path) -> None:
     """Make ``out`` the quickstart's folder: create it, or replace a previous quickstart's; refuse anything else."""
     if out.exists() and not out.is_dir():
@@ -173,10 +198,7 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 5.0, seed: i
         raise ConfigError(f"--image-size must be a positive multiple of 32 (the networks downsample 5 times), "
                           f"got {image_size}")
     from diffmis.data import write_mni
-    from diffmis.evaluation import evaluate_folders
     from diffmis.hardware import cpu_info, resolve_for
-    from diffmis.inference import Predictor, predict_paths
-    from diffmis.report import write_report
     from diffmis.training import train
 
     t0 = time.time()
@@ -214,21 +236,8 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 5.0, seed: i
         shutil.copy(img, img_dir / img.name)
         shutil.copy(msk, ref_dir / msk.name)
         inputs.append(img_dir / img.name)
-    pred_root = run_dir / "predictions"
-    timings: dict[str, Any] = {}
-    for name, kwargs in (("segmentor", {"segmentor_only": True}), ("hidiff", {})):
-        pred = Predictor.from_run(run_dir, checkpoint="last", **kwargs)
-        s = predict_paths(pred, inputs, pred_root / name, save_prob=True, save_uncertainty=(name == "hidiff"))
-        timings[name] = {"nfe_per_image": s.nfe_per_image, "seconds_per_image": s.seconds_per_image}
-
-    log("[5/5] evaluating and writing the report")
-    dice: dict[str, float] = {}
-    for name in ("segmentor", "hidiff"):
-        ev = evaluate_folders(pred_root / name, ref_dir, num_classes=3, images_dir=img_dir,
-                              uncertainty_dir=(pred_root / name / "uncertainty") if name == "hidiff" else None,
-                              prob_dir=pred_root / name / "prob", out_dir=run_dir / "eval" / name)
-        dice[name] = float(ev.foreground_mean["Dice"])
-    report = write_report(run_dir)
+    dice, timings, report = _predict_and_score(run_dir, inputs, ref_dir, img_dir,
+                                               lambda: log("[5/5] evaluating and writing the report"))
     seconds = time.time() - t0
     log("")
     log(f"{'method':<12}{'Dice (GM+WM mean)':>20}{'NFE/sample':>12}{'s/image':>10}")
@@ -274,10 +283,7 @@ def run_quickstart_3d(out: str | Path = "quickstart3d", minutes: float = 5.0, se
     if not minutes > 0:
         raise ConfigError(f"--minutes must be > 0, got {minutes}")
     from diffmis.data import write_mni3d
-    from diffmis.evaluation import evaluate_folders
     from diffmis.hardware import cpu_info, resolve_for
-    from diffmis.inference import Predictor, predict_paths
-    from diffmis.report import write_report
     from diffmis.training import train
 
     t0 = time.time()
@@ -296,7 +302,7 @@ def run_quickstart_3d(out: str | Path = "quickstart3d", minutes: float = 5.0, se
             return _measure_steps(data_root, size, seed, quickstart_config_3d)
 
         full = Plan(0, *FULL_PLAN_3D, 0.0, 0.0, 0.0)
-        plan = _scale_plan(plan_training_like(minutes, measure, full), geometry)
+        plan = replace(plan_training_like(minutes, measure, full), geometry=geometry)
     log(f"      plan: {plan.describe()}")
     cfg = quickstart_config_3d(data_root, out / "runs", 0, seed, (
         f"train.max_steps={plan.steps}", f"train.pretrain_steps={plan.segmentor_steps}",
@@ -316,21 +322,8 @@ def run_quickstart_3d(out: str | Path = "quickstart3d", minutes: float = 5.0, se
         shutil.copy(data_root / "imagesTr" / f"{cid}_0000.nii.gz", img_dir / f"{cid}.nii.gz")
         shutil.copy(data_root / "labelsTr" / f"{cid}.nii.gz", ref_dir / f"{cid}.nii.gz")
         inputs.append(img_dir / f"{cid}.nii.gz")
-    pred_root = run_dir / "predictions"
-    timings: dict[str, Any] = {}
-    for name, kwargs in (("segmentor", {"segmentor_only": True}), ("hidiff", {})):
-        pred = Predictor.from_run(run_dir, checkpoint="last", **kwargs)
-        s = predict_paths(pred, inputs, pred_root / name, save_prob=True, save_uncertainty=(name == "hidiff"))
-        timings[name] = {"nfe_per_image": s.nfe_per_image, "seconds_per_image": s.seconds_per_image}
-
-    log("[5/5] evaluating per volume (mm) and writing the report")
-    dice: dict[str, float] = {}
-    for name in ("segmentor", "hidiff"):
-        ev = evaluate_folders(pred_root / name, ref_dir, num_classes=3, images_dir=img_dir,
-                              uncertainty_dir=(pred_root / name / "uncertainty") if name == "hidiff" else None,
-                              prob_dir=pred_root / name / "prob", out_dir=run_dir / "eval" / name)
-        dice[name] = float(ev.foreground_mean["Dice"])
-    report = write_report(run_dir)
+    dice, timings, report = _predict_and_score(run_dir, inputs, ref_dir, img_dir,
+                                               lambda: log("[5/5] evaluating per volume (mm) and writing the report"))
     seconds = time.time() - t0
     log("")
     log(f"{'method':<12}{'per-volume Dice (GM+WM mean)':>30}{'NFE/volume':>12}{'s/volume':>10}")
@@ -356,8 +349,3 @@ def plan_training_like(budget_minutes: float, measure: Callable[[int], tuple[flo
     return Plan(image_size=0, segmentor_steps=p, hidiff_steps=h, segmentor_step_s=seg_s, hidiff_step_s=hid_s,
                 minutes=(p * seg_s + h * hid_s) / 60.0, note=note)
 
-
-def _scale_plan(plan: Plan, geometry: str) -> Plan:
-    from dataclasses import replace
-
-    return replace(plan, geometry=geometry)
