@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -180,6 +180,33 @@ def predict_score(run_dir: str, name: str, images: list[Path], work: Path, ref_d
     return out
 
 
+def train_and_score(method: str, dataset: str, key: str, minutes: float, share: float, work: Path,
+                    data_sets: list[str], sets: list[str], score_run: Callable[..., dict[str, Any]],
+                    fields: dict[str, Any]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """One method's rows at equal total minutes, everything counted: a segmentor run of ``share`` x ``minutes``
+    (``segmentor_<dataset>`` with the method's segmentor architecture) that the method starts from
+    (``train.prior_run``), then ``<method>_<dataset>`` for the rest; ``score_run(run_dir, name, **predict_kw)``
+    scores the run. Returns the method's row and, for a method with a segmentor, the row of that segmentor inside
+    the same run predicted alone (what the diffusion adds to it), else None. ``fields`` go into both rows."""
+    runs = []
+    if share > 0:
+        seg = train_run(f"segmentor_{dataset}", f"{key}_segphase", minutes * share, work,
+                        data_sets + segmentor_sets(method, dataset))
+        runs.append({"phase": "segmentor", **seg})
+        sets = sets + [f"train.prior_run={seg['run_dir']}"]
+    run = train_run(f"{method}_{dataset}", key, minutes * (1.0 - share), work, sets)
+    runs.append({"phase": "method", **run})
+    common = {**fields, "budget_minutes": minutes, "runs": runs, "steps": sum(r["steps"] for r in runs),
+              "images_seen": sum(r["images_seen"] for r in runs)}
+    row = {"method": method, **common, "seg_share": share, "params": run["params"]}
+    row.update(score_run(run["run_dir"], key))
+    seg_row = None
+    if method in WITH_SEGMENTOR:
+        seg_row = {"method": f"{method}_segmentor", **common, "params": None}
+        seg_row.update(score_run(run["run_dir"], f"{key}_segmentor", segmentor_only=True))
+    return row, seg_row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,29 +242,19 @@ def main() -> None:
     for m in args.methods:
         key = f"{m}@{variant}"
         print(f"=== {key} on {tag}: {minutes} min", flush=True)
-        row: dict[str, Any] = {"method": m, "variant": variant, "sets": list(args.sets), "budget_minutes": minutes}
-        sets = data_sets + list(args.sets)
         share = args.seg_share if m in WITH_SEGMENTOR else 0.0
-        runs = []
-        if share > 0:
-            seg = train_run(f"segmentor_{args.dataset}", f"{key}_segphase", minutes * share, work,
-                            data_sets + segmentor_sets(m, args.dataset))
-            runs.append({"phase": "segmentor", **seg})
-            sets = sets + [f"train.prior_run={seg['run_dir']}"]
-        main_run = train_run(f"{m}_{args.dataset}", key, minutes * (1.0 - share), work, sets)
-        runs.append({"phase": "method", **main_run})
-        row.update(seg_share=share, runs=runs, steps=sum(r["steps"] for r in runs), images_seen=sum(r["images_seen"] for r in runs),
-                   params=main_run["params"])
         kw = {} if args.ensemble is None or m == "segmentor" else {"ensemble": args.ensemble}
-        row.update(predict_score(main_run["run_dir"], key, images, work, ref_dir, fov_dir, k, **kw))
+
+        def score_run(run_dir: str, name: str, **more: Any) -> dict[str, Any]:
+            return predict_score(run_dir, name, images, work, ref_dir, fov_dir, k, **(more or kw))  # alone: 1 pass
+
+        row, seg_row = train_and_score(m, args.dataset, key, minutes, share, work, data_sets,
+                                       data_sets + list(args.sets), score_run,
+                                       {"variant": variant, "sets": list(args.sets)})
         doc["rows"][key] = row
         print(f"{key}: Dice {row['dice_mean']:.4f} +- {row['dice_std']:.4f}, ECE {row['ece']}, AUROC "
               f"{row['error_auroc']}, steps {row['steps']}, NFE {row['nfe_per_image']}", flush=True)
-        if m in WITH_SEGMENTOR:  # the segmentor inside the same run, alone: what the diffusion adds to it
-            seg_row = {"method": f"{m}_segmentor", "variant": variant, "sets": list(args.sets),
-                       "budget_minutes": minutes, "runs": runs, "steps": row["steps"], "params": None}
-            seg_row.update(predict_score(main_run["run_dir"], f"{key}_segmentor", images, work, ref_dir, fov_dir, k,
-                                         segmentor_only=True))
+        if seg_row is not None:
             doc["rows"][f"{m}_segmentor@{variant}"] = seg_row
             print(f"{m}_segmentor@{variant}: Dice {seg_row['dice_mean']:.4f}", flush=True)
         doc.update({"benchmark": "quality", "dataset": args.dataset, "split": args.split, "eval_split": eval_split,

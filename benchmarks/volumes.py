@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, CpuMonitor, environment, write_result  # noqa: E402
-from quality import WITH_SEGMENTOR, predict_score, segmentor_sets, shared_data, train_run  # noqa: E402
+from quality import WITH_SEGMENTOR, predict_score, shared_data, train_and_score  # noqa: E402
 
 from diffmis.config import load_config  # noqa: E402
 from diffmis.data.layouts import index_nnunet, resolve_split  # noqa: E402
@@ -93,30 +93,19 @@ def main() -> None:
                 continue
             key = f"{m}_{dims}d@{args.variant}"
             print(f"=== {key}: {args.minutes} min", flush=True)
-            sets = data_sets + list(args.sets)
             share = args.seg_share if m in WITH_SEGMENTOR else 0.0
-            runs = []
-            if share > 0:
-                seg = train_run(f"segmentor_{dataset}", f"{key}_segphase", args.minutes * share, work,
-                                data_sets + segmentor_sets(m, dataset))
-                runs.append({"phase": "segmentor", **seg})
-                sets = sets + [f"train.prior_run={seg['run_dir']}"]
-            run = train_run(f"{m}_{dataset}", key, args.minutes * (1.0 - share), work, sets)
-            runs.append({"phase": "method", **run})
             k = load_config(f"{m}_{dataset}", data_sets).data.num_classes
-            row: dict[str, Any] = {"method": m, "dims": dims, "variant": args.variant, "sets": list(args.sets),
-                                   "budget_minutes": args.minutes, "seg_share": share, "runs": runs,
-                                   "steps": sum(r["steps"] for r in runs),
-                                   "images_seen": sum(r["images_seen"] for r in runs), "params": run["params"]}
-            row.update(predict_score(run["run_dir"], key, images, work, refs, None, k))
+
+            def score_run(run_dir: str, name: str, **more: Any) -> dict[str, Any]:
+                return predict_score(run_dir, name, images, work, refs, None, k, **more)
+
+            row, seg_row = train_and_score(m, dataset, key, args.minutes, share, work, data_sets,
+                                           data_sets + list(args.sets), score_run,
+                                           {"dims": dims, "variant": args.variant, "sets": list(args.sets)})
             doc["rows"][key] = row
             print(f"{key}: Dice {row['dice_mean']:.4f} +- {row['dice_std']:.4f}, HD95 {row['hd95_mean']:.2f} mm, "
                   f"steps {row['steps']}, s/volume {row['seconds_per_image']}", flush=True)
-            if m in WITH_SEGMENTOR:
-                seg_row = {"method": f"{m}_segmentor", "dims": dims, "variant": args.variant, "runs": runs,
-                           "budget_minutes": args.minutes, "steps": row["steps"], "params": None}
-                seg_row.update(predict_score(run["run_dir"], f"{key}_segmentor", images, work, refs, None, k,
-                                             segmentor_only=True))
+            if seg_row is not None:
                 doc["rows"][f"{m}_{dims}d_segmentor@{args.variant}"] = seg_row
                 print(f"{m}_{dims}d_segmentor: Dice {seg_row['dice_mean']:.4f}", flush=True)
             doc.update({"benchmark": "volumes", "dataset": "msd-hippocampus", "split": args.split,

@@ -31,13 +31,7 @@ ALL = [f"{r}_{d}" for r in RECIPES for d in DATASETS if d != "hippocampus2d"] + 
 SHARED = Path(os.environ.get("DIFFMIS_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors gain nothing from intra-op threads, and spinning threads suffer on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_one_config_per_recipe_and_dataset():

@@ -7,7 +7,7 @@ import pytest
 
 from diffmis.cli.main import main
 from diffmis.errors import ConfigError, InputError
-from diffmis.quickstart import FULL_PLAN, MARKER, MIN_SCALE, Plan, plan_training, run_quickstart
+from diffmis.quickstart import FULL_PLAN, FULL_PLAN_3D, MARKER, MIN_SCALE, Plan, plan_training, run_quickstart
 
 
 def measure(seg96: float, hid96: float):
@@ -32,6 +32,14 @@ def test_plan_fits_the_budget_and_never_goes_below_the_smallest_plan():
         plan_training(0, measure(0.1, 0.1))
 
 
+def test_the_3d_plan_is_the_same_rule_on_one_geometry():
+    """quickstart --3d on this project's Zen 4 (0.28 s and 1.54 s per step at 48x48x16): the 600 + 200 step plan
+    takes 7.9 min, so a 5-minute budget scales both phases by 300 / 476 to 378 + 126 steps."""
+    plan = plan_training(5.0, lambda size: (0.28, 1.54), sizes=(0,), full_plan=FULL_PLAN_3D)
+    assert (plan.image_size, plan.segmentor_steps, plan.hidiff_steps) == (0, 378, 126) and not plan.note
+    assert plan.minutes == pytest.approx(5.0, rel=0.01)
+
+
 def test_bad_options_change_nothing(tmp_path, capsys):
     own = tmp_path / "mine"
     own.mkdir()
@@ -43,7 +51,8 @@ def test_bad_options_change_nothing(tmp_path, capsys):
                 main(["quickstart", "--out", str(own), *args])
         else:
             assert code == 2
-        assert (own / "thesis.tex").read_text() == "precious" and sorted(p.name for p in own.iterdir()) == ["thesis.tex"]
+        assert (own / "thesis.tex").read_text() == "precious"
+        assert sorted(p.name for p in own.iterdir()) == ["thesis.tex"]
     err = capsys.readouterr().err
     assert "--minutes must be > 0" in err and "multiple of 32" in err
     assert "not empty and was not written by a quickstart" in err and "nothing was changed" in err

@@ -96,8 +96,9 @@ def quickstart_config(data_root: Path, out_dir: Path, image_size: int = 96, seed
 
 
 def plan_training(budget_minutes: float, measure: Callable[[int], tuple[float, float]],
-                  sizes: tuple[int, ...] = SIZES) -> Plan:
-    """Scale :data:`FULL_PLAN` to ``budget_minutes`` of training on this machine.
+                  sizes: tuple[int, ...] = SIZES, full_plan: tuple[int, int] = FULL_PLAN) -> Plan:
+    """Scale ``full_plan`` (segmentor steps, HiDiff steps; default :data:`FULL_PLAN`) to ``budget_minutes`` of
+    training on this machine.
 
     ``measure(size)`` returns the seconds of one segmentor step and one HiDiff step at ``size``. The largest size
     whose smallest plan (``MIN_SCALE`` x the full plan) fits ``1.5 x budget`` is used, with the full plan scaled
@@ -110,7 +111,7 @@ def plan_training(budget_minutes: float, measure: Callable[[int], tuple[float, f
     plan = None
     for size in sizes:
         seg_s, hid_s = measure(size)
-        full = FULL_PLAN[0] * seg_s + FULL_PLAN[1] * hid_s
+        full = full_plan[0] * seg_s + full_plan[1] * hid_s
         scale = min(1.0, budget / full)
         if scale >= MIN_SCALE or MIN_SCALE * full <= 1.5 * budget:
             scale = max(scale, MIN_SCALE)
@@ -119,7 +120,7 @@ def plan_training(budget_minutes: float, measure: Callable[[int], tuple[float, f
         plan = (size, MIN_SCALE, seg_s, hid_s, f"this machine needs more than {budget_minutes:g} min for the "
                                                f"smallest plan")
     size, scale, seg_s, hid_s, note = plan  # type: ignore[misc]
-    p_steps, h_steps = round(FULL_PLAN[0] * scale), round(FULL_PLAN[1] * scale)
+    p_steps, h_steps = round(full_plan[0] * scale), round(full_plan[1] * scale)
     return Plan(image_size=size, segmentor_steps=p_steps, hidiff_steps=h_steps, segmentor_step_s=seg_s,
                 hidiff_step_s=hid_s, minutes=(p_steps * seg_s + h_steps * hid_s) / 60.0, note=note)
 
@@ -213,7 +214,8 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 5.0, seed: i
     log(f"[2/5] sizing the training to this machine: {cpu_info().summary()}, {torch.get_num_threads()} "
         f"thread(s), {res.describe()}")
     if plan is None:
-        plan = plan_training(minutes, lambda s: _measure_steps(data_root, s, seed), (image_size,) if image_size else SIZES)
+        plan = plan_training(minutes, lambda s: _measure_steps(data_root, s, seed),
+                             (image_size,) if image_size else SIZES)
     log(f"      plan: {plan.describe()}")
     cfg = quickstart_config(data_root, out / "runs", plan.image_size, seed, (
         f"train.max_steps={plan.steps}", f"train.pretrain_steps={plan.segmentor_steps}",
@@ -301,8 +303,8 @@ def run_quickstart_3d(out: str | Path = "quickstart3d", minutes: float = 5.0, se
         def measure(size: int) -> tuple[float, float]:
             return _measure_steps(data_root, size, seed, quickstart_config_3d)
 
-        full = Plan(0, *FULL_PLAN_3D, 0.0, 0.0, 0.0)
-        plan = replace(plan_training_like(minutes, measure, full), geometry=geometry)
+        # one geometry (the patch), the 3D plan
+        plan = replace(plan_training(minutes, measure, sizes=(0,), full_plan=FULL_PLAN_3D), geometry=geometry)
     log(f"      plan: {plan.describe()}")
     cfg = quickstart_config_3d(data_root, out / "runs", 0, seed, (
         f"train.max_steps={plan.steps}", f"train.pretrain_steps={plan.segmentor_steps}",
@@ -334,18 +336,3 @@ def run_quickstart_3d(out: str | Path = "quickstart3d", minutes: float = 5.0, se
     log(f"\ntrained {result.step} steps on {geometry} in {result.seconds / 60:.1f} min; total {seconds / 60:.1f} min")
     log(f"report: {report.resolve()}")
     return QuickstartResult(run_dir=run_dir, report=report, dice=dice, steps=result.step, seconds=seconds, plan=plan)
-
-
-def plan_training_like(budget_minutes: float, measure: Callable[[int], tuple[float, float]], full: Plan) -> Plan:
-    """:func:`plan_training` for one fixed geometry and the full plan ``full`` (segmentor, HiDiff steps)."""
-    budget = budget_minutes * 60.0
-    seg_s, hid_s = measure(0)
-    total = full.segmentor_steps * seg_s + full.hidiff_steps * hid_s
-    scale = min(1.0, budget / total)
-    note = ""
-    if scale < MIN_SCALE:
-        scale, note = MIN_SCALE, f"this machine needs more than {budget_minutes:g} min for the smallest plan"
-    p, h = round(full.segmentor_steps * scale), round(full.hidiff_steps * scale)
-    return Plan(image_size=0, segmentor_steps=p, hidiff_steps=h, segmentor_step_s=seg_s, hidiff_step_s=hid_s,
-                minutes=(p * seg_s + h * hid_s) / 60.0, note=note)
-
