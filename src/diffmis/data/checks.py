@@ -172,14 +172,43 @@ def _is_nifti(path: Path) -> bool:
     return split_suffix(path.name)[1] in NIFTI_SUFFIXES
 
 
+def _probe_volume(path: Path, is_label: bool, full: bool
+                  ) -> tuple[tuple[int, ...], tuple[float, ...], Optional[frozenset[int]]]:
+    """Shape, spacing and (full check, labels) distinct values of one NIfTI volume; a full check decodes it and
+    refuses non-integer label values."""
+    if not full:
+        return (*volume_shape(path), None)
+    vol = read_volume(path)
+    if not is_label:
+        return vol.data.shape, vol.spacing, None
+    if vol.data.dtype.kind == "f" and not np.all(vol.data == np.round(vol.data)):
+        raise DataError(f"{path}: label volume holds non-integer values")
+    return vol.data.shape, vol.spacing, frozenset(int(v) for v in np.unique(vol.data))
+
+
+def _grid_problem(ref: Path, ref_name: str, ref_shape: tuple[int, ...], ref_sp: Optional[tuple[float, ...]],
+                  path: Path, shape: tuple[int, ...], sp: Optional[tuple[float, ...]], where: str) -> Optional[str]:
+    """Why ``path`` does not lie on the grid of ``ref`` (named ``ref_name`` in the message): its shape, then (volumes,
+    which have a spacing) its voxel spacing and its affine; None when it does. ``where`` ends each message."""
+    if shape != ref_shape:
+        return f"shape {shape} differs from {ref_name} {ref_shape}{where}"
+    if sp is None or ref_sp is None:  # 2D files: the shape is the grid
+        return None
+    if not np.allclose(sp, ref_sp, rtol=1e-3, atol=1e-5):
+        return (f"voxel spacing {tuple(round(v, 4) for v in sp)} differs from {ref_name} "
+                f"{tuple(round(v, 4) for v in ref_sp)}{where}")
+    if not np.allclose(volume_affine(path), volume_affine(ref), rtol=1e-3, atol=1e-3):
+        return (f"its affine (origin/orientation) differs from {ref_name}'s{where}: the label lies on another grid "
+                "in space; resample it onto the image (same voxels, same affine)")
+    return None
+
+
 def _check_volume_pair(image: Path, mask: Optional[Path], spec: LabelSpec, full: bool) -> _Item:
     """Checks of one NIfTI image with its NIfTI label volume (folder layout, 3D runs): shape, spacing and affine
     agree; with ``full`` both decode and the labels are whole numbers of the declared values."""
     item = _Item()
     try:
-        shape, spacing = volume_shape(image)
-        if full:
-            read_volume(image)
+        shape, spacing, _ = _probe_volume(image, False, full)
         item.size, item.channels = shape, 1
     except DataError as err:
         item.problems.append((str(image), _strip(err, image)))
@@ -190,20 +219,11 @@ def _check_volume_pair(image: Path, mask: Optional[Path], spec: LabelSpec, full:
         item.problems.append((str(mask), f"the image {image.name} is a NIfTI volume; its mask must be one too"))
         return item
     try:
-        mshape, mspacing = volume_shape(mask)
-        if mshape != shape:
-            item.problems.append((str(mask), f"shape {mshape} differs from its image {image.name} {shape}"))
-        elif not np.allclose(mspacing, spacing, rtol=1e-3, atol=1e-5):
-            item.problems.append((str(mask), f"voxel spacing {tuple(round(v, 4) for v in mspacing)} differs from "
-                                             f"its image {image.name} {tuple(round(v, 4) for v in spacing)}"))
-        elif not np.allclose(volume_affine(mask), volume_affine(image), rtol=1e-3, atol=1e-3):
-            item.problems.append((str(mask), f"its affine (origin/orientation) differs from its image {image.name}'s: "
-                                             "the label lies on another grid in space; resample it onto the image"))
-        if full:
-            vol = read_volume(mask)
-            if vol.data.dtype.kind == "f" and not np.all(vol.data == np.round(vol.data)):
-                raise DataError(f"{mask}: label volume holds non-integer values")
-            vals = frozenset(int(v) for v in np.unique(vol.data))
+        mshape, mspacing, vals = _probe_volume(mask, True, full)
+        msg = _grid_problem(image, f"its image {image.name}", shape, spacing, mask, mshape, mspacing, "")
+        if msg:
+            item.problems.append((str(mask), msg))
+        if vals is not None:
             msg = spec.problem(sorted(vals))
             if msg:
                 item.problems.append((str(mask), msg))
@@ -378,15 +398,8 @@ def _probe(index: NnunetIndex, path: Path, is_label: bool, full: bool
             return m.shape, None, 1, _distinct(m)
         arr = load_image_array(path)
         return arr.shape[1:], None, arr.shape[0], None
-    if not full:
-        shape, spacing = volume_shape(path)
-        return shape, spacing, 1, None
-    vol = read_volume(path)
-    if not is_label:
-        return vol.data.shape, vol.spacing, 1, None
-    if vol.data.dtype.kind == "f" and not np.all(vol.data == np.round(vol.data)):
-        raise DataError(f"{path}: label volume holds non-integer values")
-    return vol.data.shape, vol.spacing, 1, frozenset(int(v) for v in np.unique(vol.data))
+    shape, spacing, vals = _probe_volume(path, is_label, full)
+    return shape, spacing, 1, vals
 
 
 def _check_case(index: NnunetIndex, case: str, chans: list[Path], label: Optional[Path], spec: LabelSpec,
@@ -418,18 +431,9 @@ def _check_case(index: NnunetIndex, case: str, chans: list[Path], label: Optiona
         ref_p, ref_shape, ref_sp = shapes[0]
         item.size, item.channels = ref_shape, n_chan
         for p, shape, sp in shapes[1:]:
-            if shape != ref_shape:
-                item.problems.append((str(p), f"shape {shape} differs from {ref_p.name} {ref_shape} "
-                                              f"(case '{case}')"))
-            elif sp is not None and ref_sp is not None and not np.allclose(sp, ref_sp, rtol=1e-3, atol=1e-5):
-                item.problems.append((str(p), f"voxel spacing {tuple(round(s, 4) for s in sp)} differs from "
-                                              f"{ref_p.name} {tuple(round(s, 4) for s in ref_sp)} (case '{case}')"))
-            elif not index.is_2d:
-                a, b = volume_affine(ref_p), volume_affine(p)
-                if not np.allclose(a, b, rtol=1e-3, atol=1e-3):
-                    item.problems.append((str(p), f"its affine (origin/orientation) differs from {ref_p.name}'s "
-                                                  f"(case '{case}'): the label lies on another grid in space; "
-                                                  "resample it onto the image (same voxels, same affine)"))
+            msg = _grid_problem(ref_p, ref_p.name, ref_shape, ref_sp, p, shape, sp, f" (case '{case}')")
+            if msg:
+                item.problems.append((str(p), msg))
     if index.is_2d and readable and index.channel_names and n_chan != len(index.channel_names):
         item.problems.append((str(chans[0]), f"case '{case}' has {n_chan} channel(s); dataset.json declares "
                                              f"{len(index.channel_names)}"))
