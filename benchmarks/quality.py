@@ -181,13 +181,15 @@ def predict_score(run_dir: str, name: str, images: list[Path], work: Path, ref_d
 
 
 def train_and_score(method: str, dataset: str, key: str, minutes: float, share: float, work: Path,
-                    data_sets: list[str], sets: list[str], score_run: Callable[..., dict[str, Any]],
+                    data_sets: list[str], extra_sets: list[str], score_run: Callable[..., dict[str, Any]],
                     fields: dict[str, Any]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
     """One method's rows at equal total minutes, everything counted: a segmentor run of ``share`` x ``minutes``
     (``segmentor_<dataset>`` with the method's segmentor architecture) that the method starts from
-    (``train.prior_run``), then ``<method>_<dataset>`` for the rest; ``score_run(run_dir, name, **predict_kw)``
-    scores the run. Returns the method's row and, for a method with a segmentor, the row of that segmentor inside
-    the same run predicted alone (what the diffusion adds to it), else None. ``fields`` go into both rows."""
+    (``train.prior_run``), then ``<method>_<dataset>`` for the rest, both reading ``data_sets`` and the method's
+    run also ``extra_sets`` (an ablation's overrides); ``score_run(run_dir, name, **predict_kw)`` scores the run.
+    Returns the method's row and, for a method with a segmentor, the row of that segmentor inside the same run
+    predicted alone (what the diffusion adds to it), else None. ``fields`` go into both rows."""
+    sets = data_sets + extra_sets
     runs = []
     if share > 0:
         seg = train_run(f"segmentor_{dataset}", f"{key}_segphase", minutes * share, work,
@@ -196,8 +198,8 @@ def train_and_score(method: str, dataset: str, key: str, minutes: float, share: 
         sets = sets + [f"train.prior_run={seg['run_dir']}"]
     run = train_run(f"{method}_{dataset}", key, minutes * (1.0 - share), work, sets)
     runs.append({"phase": "method", **run})
-    common = {**fields, "budget_minutes": minutes, "runs": runs, "steps": sum(r["steps"] for r in runs),
-              "images_seen": sum(r["images_seen"] for r in runs)}
+    common = {**fields, "sets": list(extra_sets), "budget_minutes": minutes, "runs": runs,
+              "steps": sum(r["steps"] for r in runs), "images_seen": sum(r["images_seen"] for r in runs)}
     row = {"method": method, **common, "seg_share": share, "params": run["params"]}
     row.update(score_run(run["run_dir"], key))
     seg_row = None
@@ -246,11 +248,11 @@ def main() -> None:
         kw = {} if args.ensemble is None or m == "segmentor" else {"ensemble": args.ensemble}
 
         def score_run(run_dir: str, name: str, **more: Any) -> dict[str, Any]:
-            return predict_score(run_dir, name, images, work, ref_dir, fov_dir, k, **(more or kw))  # alone: 1 pass
+            # the segmentor alone (more = {"segmentor_only": True}) is one pass: no --ensemble for it
+            return predict_score(run_dir, name, images, work, ref_dir, fov_dir, k, **(more or kw))
 
-        row, seg_row = train_and_score(m, args.dataset, key, minutes, share, work, data_sets,
-                                       data_sets + list(args.sets), score_run,
-                                       {"variant": variant, "sets": list(args.sets)})
+        row, seg_row = train_and_score(m, args.dataset, key, minutes, share, work, data_sets, list(args.sets),
+                                       score_run, {"variant": variant})
         doc["rows"][key] = row
         print(f"{key}: Dice {row['dice_mean']:.4f} +- {row['dice_std']:.4f}, ECE {row['ece']}, AUROC "
               f"{row['error_auroc']}, steps {row['steps']}, NFE {row['nfe_per_image']}", flush=True)

@@ -294,7 +294,8 @@ def volumes_table(data: dict[str, Any]) -> str:
 def volume_predict_table(data: dict[str, Any]) -> str:
     """One 256x256x160 volume (``volume_predict.py``): time and peak memory of 3D prediction."""
     env = data.get("environment") or {}
-    lines = [f"{_machine(env)}. Command: `{data.get('command')}`", "",
+    cmds = dict.fromkeys(r["command"] for r in data["rows"])  # each row keeps the command that measured it
+    lines = [f"{_machine(env)}. Command: " + "; ".join(f"`{c}`" for c in cmds), "",
              "| config | ensemble | sampler | windows | batched calls | seconds | peak memory (GiB) |",
              "|---|---:|---|---|---:|---:|---:|"]
     for r in data["rows"]:

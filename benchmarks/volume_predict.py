@@ -77,9 +77,8 @@ def main() -> None:
         rows = [r for r in rows if (r["config"], r["ensemble"]) != (config, ens)] + [row]
         print(f"{config} x{ens}: {row['seconds']} s, peak {row['peak_rss_gib']} GiB, {row['network_calls']} calls",
               flush=True)
-        write_result(out_json, {  # after every row: an interrupted run keeps its rows
-            "benchmark": "volume_predict", "rows": rows, "environment": environment(), "load": monitor.summary(),
-            "command": "python benchmarks/volume_predict.py " + " ".join(sys.argv[1:])})
+        write_result(out_json, {  # after every row: an interrupted run keeps its rows (each with its command)
+            "benchmark": "volume_predict", "rows": rows, "environment": environment(), "load": monitor.summary()})
 
 
 if __name__ == "__main__":

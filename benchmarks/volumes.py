@@ -99,9 +99,8 @@ def main() -> None:
             def score_run(run_dir: str, name: str, **more: Any) -> dict[str, Any]:
                 return predict_score(run_dir, name, images, work, refs, None, k, **more)
 
-            row, seg_row = train_and_score(m, dataset, key, args.minutes, share, work, data_sets,
-                                           data_sets + list(args.sets), score_run,
-                                           {"dims": dims, "variant": args.variant, "sets": list(args.sets)})
+            row, seg_row = train_and_score(m, dataset, key, args.minutes, share, work, data_sets, list(args.sets),
+                                           score_run, {"dims": dims, "variant": args.variant})
             doc["rows"][key] = row
             print(f"{key}: Dice {row['dice_mean']:.4f} +- {row['dice_std']:.4f}, HD95 {row['hd95_mean']:.2f} mm, "
                   f"steps {row['steps']}, s/volume {row['seconds_per_image']}", flush=True)
