@@ -319,7 +319,8 @@ def test_prior_noise_perturbs_the_refiners_prior_only():
 
 
 def test_training_timesteps_matched_to_the_sampler():
-    """``train_timesteps: sampler`` draws only the indices the default sampler visits (PD-DDPM: within [0, T'))."""
+    """``train_timesteps: sampler`` draws only the indices the default sampler visits (PD-DDPM: within [0, T');
+    HiDiff with one Bernoulli-DDIM step: T - 1 alone, also in the loss)."""
     for recipe in ("medsegdiff", "pd_ddpm"):
         method = _with(recipe, train_timesteps="sampler")
         chain = method.scheduler.sampling_timesteps(method.default_steps, method.default_start_step)
@@ -327,6 +328,21 @@ def test_training_timesteps_matched_to_the_sampler():
         assert set(t.tolist()) == set(chain)  # every visited index drawn, nothing else
         uniform = _with(recipe).training_timesteps(400, torch.Generator().manual_seed(0), torch.device("cpu"))
         assert len(set(uniform.tolist())) > 10 * len(chain)
+    for recipe, steps in (("hidiff", 1), ("berdiff", 4)):
+        method = _with(recipe, train_timesteps="sampler")
+        method.default_steps = steps
+        t = method.training_timesteps(400, torch.Generator().manual_seed(0), torch.device("cpu"))
+        assert set(t.tolist()) == set(method.scheduler.sampling_timesteps(steps))
+        uniform = _with(recipe).training_timesteps(400, torch.Generator().manual_seed(0), torch.device("cpu"))
+        assert set(uniform.tolist()) == set(range(method.scheduler.timesteps))
+    hidiff = _with("hidiff", train_timesteps="sampler")
+    hidiff.default_steps = 1
+    seen: list[int] = []
+    real = hidiff.scheduler.q_sample
+    hidiff.scheduler.q_sample = lambda y0, p, t, generator=None: seen.extend(t.tolist()) or real(y0, p, t, generator)
+    mask = truth_masks(1, 4)
+    hidiff.refiner_loss(images_of(mask), mask, generator=torch.Generator().manual_seed(0))
+    assert seen == [hidiff.scheduler.timesteps - 1] * 4
 
 
 def test_a_lever_the_method_does_not_read_is_refused():
@@ -334,8 +350,8 @@ def test_a_lever_the_method_does_not_read_is_refused():
 
     with pytest.raises(ConfigError, match=r"diffusion.prior_noise has no effect on recipe 'medsegdiff'"):
         _with("medsegdiff", prior_noise=1.0)
-    with pytest.raises(ConfigError, match=r"diffusion.train_timesteps has no effect on recipe 'hidiff'"):
-        _with("hidiff", train_timesteps="sampler")
+    with pytest.raises(ConfigError, match=r"diffusion.recycle has no effect on recipe 'hidiff'"):
+        _with("hidiff", recycle=0.5)
     with pytest.raises(ConfigError, match=r"diffusion.x0_seg_weight.*'segmentor'.*none of the recipe levers"):
         _with("segmentor", x0_seg_weight=1.0)
 

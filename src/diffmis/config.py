@@ -187,8 +187,9 @@ class DiffusionConfig(_Section):
     # HiDiff: std of spatially smooth noise added to the segmentor's logits in the refiner step, so the refiner
     # learns from priors that make mistakes (0 = the co-trained segmentor's own prior, as released)
     prior_noise: float = Field(0.0, ge=0)
-    # Gaussian methods: training timesteps uniform over [0, T) ("all", the papers'), or only the ones the default
-    # sampler visits (sample.steps over [0, T'), "sampler": the network learns exactly the steps it will take)
+    # Gaussian and Bernoulli methods: training timesteps uniform over [0, T) ("all", the papers'), or only the ones
+    # the default sampler visits (sample.steps over [0, T'), "sampler": the network learns exactly the steps it will
+    # take; HiDiff with one Bernoulli-DDIM step: T - 1 alone)
     train_timesteps: Literal["all", "sampler"] = "all"
 
 

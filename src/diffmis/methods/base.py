@@ -49,6 +49,8 @@ __all__ = [
     "load_segmentor_run",
     "compose",
     "rand_t",
+    "chain_t",
+    "check_train_timesteps",
     "randn_like",
     "repeat_members",
     "trainable",
@@ -105,6 +107,19 @@ def rand_t(n: int, timesteps: int, generator: Optional[torch.Generator], device:
     """(n,) int64 timesteps uniform in [0, T), drawn from ``generator`` on its own device."""
     t = torch.randint(0, timesteps, (n,), generator=generator, device=generator.device if generator else "cpu")
     return t.to(device)
+
+
+def chain_t(chain: list[int], n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """(n,) int64 timesteps drawn uniformly from ``chain`` (the indices a sampler visits): the training timesteps of
+    ``diffusion.train_timesteps: sampler``."""
+    return torch.tensor(chain, dtype=torch.long, device=device)[rand_t(n, len(chain), generator, device)]
+
+
+def check_train_timesteps(value: str) -> str:
+    """``diffusion.train_timesteps``, refused unless ``"all"`` or ``"sampler"``."""
+    if value not in ("all", "sampler"):
+        raise ConfigError(f"diffusion.train_timesteps must be 'all' or 'sampler', got {value!r}")
+    return value
 
 
 def randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:

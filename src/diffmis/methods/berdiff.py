@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from diffmis.config import Config
 from diffmis.errors import ConfigError
-from diffmis.methods.base import (LossOutput, Method, build_model, compose, rand_t, register, repeat_members)
+from diffmis.methods.base import (LossOutput, Method, build_model, chain_t, check_train_timesteps, compose, rand_t,
+                                  register, repeat_members)
 from diffmis.sampling import SampleOutput, bernoulli_sample
 from diffmis.schedulers import BernoulliScheduler
 
@@ -49,16 +50,19 @@ class BerDiff(Method):
         focal_lambda: weight of the focal / BCE term (``diffusion.focal_lambda``).
         prior_residual: add the prior's Bayes flip logits to the network output (``diffusion.prior_residual``).
         default_steps, default_sampler: the sampler used when :meth:`sample` is called without them.
+        train_timesteps: ``"all"`` (uniform over [0, T), the papers') or ``"sampler"`` (only the indices the default
+            sampler visits: with one Bernoulli-DDIM step, T - 1 alone, the one step sampling takes).
     """
 
     samplers = ("bernoulli_ddim", "bernoulli")
+    levers = ("train_timesteps",)
     #: attribute that holds the denoiser (its state-dict prefix; HiDiff keeps the released name "refiner")
     network_name = "denoiser"
 
     def __init__(self, denoiser: nn.Module, scheduler: BernoulliScheduler, num_classes: int,
                  loss_weights: Optional[dict[str, float]] = None, *, focal_lambda: float = 1.0,
                  prior_residual: bool = False, default_steps: Optional[int] = None,
-                 default_sampler: str = "bernoulli_ddim") -> None:
+                 default_sampler: str = "bernoulli_ddim", train_timesteps: str = "all") -> None:
         super().__init__()
         setattr(self, self.network_name, denoiser)
         self.scheduler = scheduler
@@ -69,6 +73,7 @@ class BerDiff(Method):
         self.timesteps = scheduler.timesteps
         self.default_steps = min(default_steps or scheduler.timesteps, scheduler.timesteps)
         self.default_sampler = default_sampler
+        self.train_timesteps = check_train_timesteps(train_timesteps)
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> "BerDiff":
@@ -79,7 +84,8 @@ class BerDiff(Method):
         sampler = cfg.sample.sampler if cfg.sample.sampler in cls.samplers else cls.samplers[0]
         return cls(scheduler=scheduler, num_classes=cfg.data.num_classes, loss_weights=dict(cfg.train.loss_weights),
                    focal_lambda=cfg.diffusion.focal_lambda, prior_residual=cfg.diffusion.prior_residual,
-                   default_steps=cfg.sample.steps, default_sampler=sampler, **kwargs)
+                   default_steps=cfg.sample.steps, default_sampler=sampler,
+                   train_timesteps=cfg.diffusion.train_timesteps, **kwargs)
 
     @property
     def network(self) -> nn.Module:
@@ -109,11 +115,19 @@ class BerDiff(Method):
 
     def bbdm_terms(self, mask: Tensor, cond: dict[str, Any], generator: Optional[torch.Generator]
                    ) -> dict[str, Tensor]:
-        """``{"kl", "focal"}`` of one batch (METHODS 5.3.4): ``y_t ~ q(y_t | y_0, p)`` at a uniform ``t``."""
+        """``{"kl", "focal"}`` of one batch (METHODS 5.3.4): ``y_t ~ q(y_t | y_0, p)`` at a uniform ``t`` (over
+        [0, T), or over the default sampler's indices with ``train_timesteps="sampler"``)."""
         prior = cond["prior"]
-        t = rand_t(mask.shape[0], self.scheduler.timesteps, generator, mask.device)
+        t = self.training_timesteps(mask.shape[0], generator, mask.device)
         y_t = self.scheduler.q_sample(mask, prior, t, generator=generator)
         return self.scheduler.loss(self.flip_logits(y_t, t, cond), mask, y_t, prior.float(), t)
+
+    def training_timesteps(self, n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+        """(n,) timesteps of a training batch: uniform in [0, T), or (``train_timesteps="sampler"``) uniform over
+        the indices the default sampler visits."""
+        if self.train_timesteps == "all":
+            return rand_t(n, self.scheduler.timesteps, generator, device)
+        return chain_t(self.scheduler.sampling_timesteps(self.default_steps), n, generator, device)
 
     def loss(self, image: Tensor, mask: Tensor, step: int = 0,
              generator: Optional[torch.Generator] = None) -> LossOutput:

@@ -49,7 +49,7 @@ class HiDiff(BerDiff):
     """
 
     network_name = "refiner"
-    levers = ("prior_noise",)
+    levers = ("prior_noise", "train_timesteps")
 
     def __init__(self, segmentor: nn.Module, denoiser: nn.Module, *, w_diff: float = 0.1, pretrain_steps: int = 0,
                  prior_residual: bool = True, prior_noise: float = 0.0, **kwargs: Any) -> None:

@@ -27,8 +27,8 @@ from diffmis.config import Config
 from diffmis.errors import ConfigError
 from diffmis.losses import soft_dice_loss
 from diffmis.masks import hard_one_hot
-from diffmis.methods.base import (LossOutput, Method, build_model, compose, rand_t, randn_like, register,
-                                  repeat_members)
+from diffmis.methods.base import (LossOutput, Method, build_model, chain_t, check_train_timesteps, compose, rand_t,
+                                  randn_like, register, repeat_members)
 from diffmis.sampling import SampleOutput, gaussian_sample
 from diffmis.schedulers import GaussianScheduler
 
@@ -80,9 +80,7 @@ class GaussianMaskDiffusion(Method):
         self.default_sampler = default_sampler
         self.x0_seg_weight = x0_seg_weight
         self.recycle = recycle
-        if train_timesteps not in ("all", "sampler"):
-            raise ConfigError(f"diffusion.train_timesteps must be 'all' or 'sampler', got {train_timesteps!r}")
-        self.train_timesteps = train_timesteps
+        self.train_timesteps = check_train_timesteps(train_timesteps)
 
     @classmethod
     def denoiser_kwargs(cls, cfg: Config) -> dict[str, Any]:
@@ -144,9 +142,8 @@ class GaussianMaskDiffusion(Method):
         the indices the default sampler visits (``default_steps`` over [0, T'))."""
         if self.train_timesteps == "all":
             return rand_t(n, self.scheduler.timesteps, generator, device)
-        chain = torch.tensor(self.scheduler.sampling_timesteps(self.default_steps, self.default_start_step),
-                             dtype=torch.long, device=device)
-        return chain[rand_t(n, len(chain), generator, device)]
+        return chain_t(self.scheduler.sampling_timesteps(self.default_steps, self.default_start_step), n, generator,
+                       device)
 
     @torch.no_grad()
     def recycle_source(self, image: Tensor, generator: Optional[torch.Generator]
