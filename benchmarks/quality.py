@@ -47,6 +47,7 @@ from diffmis.config import load_config  # noqa: E402
 from diffmis.evaluation import evaluate_folders  # noqa: E402
 from diffmis.hardware import set_threads  # noqa: E402
 from diffmis.inference import Predictor, predict_paths  # noqa: E402
+from diffmis.methods import LEVERS  # noqa: E402
 from diffmis.training import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +138,9 @@ def train_run(cfg_name: str, name: str, minutes: float, work: Path, sets: list[s
     return {"run_dir": str(run_dir), "minutes": minutes, "steps": res.step, "wall_seconds": round(time.time() - t0, 1),
             "images_seen": res.step * cfg.train.batch_size * cfg.train.grad_accum,
             "params": sum(p.numel() for p in res.method.parameters()), "precision": setup.get("precision"),
-            "config": cfg_name, "overrides": list(sets)}
+            "config": cfg_name, "overrides": list(sets),
+            "levers": {f"diffusion.{k}": v for k in type(res.method).levers  # the recipe levers set, from any source
+                       if (v := getattr(cfg.diffusion, k)) != LEVERS[k]}}
 
 
 def segmentor_sets(method: str, dataset: str) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ORDER = ["segmentor", "medsegdiff", "medsegdiff_v2", "medsegdiff_v2_segmentor", "pd_ddpm", "pd_ddpm_segmentor",
@@ -81,10 +81,17 @@ def quality_table(data: dict[str, Any], variant: str = "default") -> str:
 
 
 def _overrides(r: dict[str, Any]) -> list[str]:
-    """The row's config overrides, and its segmentor phase as the quality.py option that made it."""
+    """The row's config overrides, its segmentor phase as the quality.py option that made it, and the recipe
+    levers set by the recipe's config rather than by the row's overrides (``(config)``; recorded since 2026-11-30)."""
     seg = [x for x in r.get("runs", []) if x.get("phase") == "segmentor"]
     share = [f"--seg-share {seg[0]['minutes'] / r['budget_minutes']:g}"] if seg else []
-    return share + list(r.get("sets", []))
+    sets = list(r.get("sets", []))
+    method_run = [x for x in r.get("runs", []) if x.get("phase") == "method"]
+    named = {s.split("=")[0] for s in sets}
+    from_config = [f"{k}={v:g} (config)" if isinstance(v, float) else f"{k}={v} (config)"
+                   for k, v in (method_run[0].get("levers", {}) if method_run else {}).items()
+                   if k not in named]
+    return share + sets + from_config
 
 
 def variants_table(data: dict[str, Any]) -> str:
@@ -306,6 +313,16 @@ def volume_predict_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def table_for(name: str) -> Optional[Callable[[dict], str]]:
+    """The table function of a result file: ``*_tune.json`` -> the variants table, otherwise the longest of
+    :data:`TABLES`' prefixes that the file's name starts with (``volume_predict.json`` is not a ``volumes`` file)."""
+    if name.endswith("_tune.json"):
+        return variants_table
+    stem = name.removesuffix(".json")
+    prefixes = [p for p in TABLES if stem == p or stem.startswith(p + "_")]
+    return TABLES[max(prefixes, key=len)] if prefixes else None
+
+
 def fill_readme(readme: Path) -> None:
     """Replace each ``<!-- render:NAME -->`` ... ``<!-- /render -->`` block of README.md with NAME's table."""
     import re
@@ -321,15 +338,12 @@ def fill_readme(readme: Path) -> None:
         data = _load(name)
         if data is None:
             return m.group(0)
-        kind = name.split("_")[0].removesuffix(".json")
-        if name.endswith("_tune.json"):
-            kind = "variants"
-        if name == "volume_predict.json":
-            kind = "volume_predict"
+        render = table_for(name)
+        if render is None:
+            print(f"left {name} as it is (no table for that file name)")
+            return m.group(0)
         try:
-            body = {"quality": quality_table, "variants": variants_table, "nfe": nfe_table, "speed": speed_table,
-                    "precision": precision_table, "threads": threads_table, "volumes": volumes_table,
-                    "volume_predict": volume_predict_table}[kind](data)
+            body = render(data)
         except (KeyError, TypeError):  # a result file of an older format: its block stays as it is
             print(f"left {name} as it is (older format)")
             return m.group(0)
@@ -338,6 +352,11 @@ def fill_readme(readme: Path) -> None:
     new = re.sub(r"<!-- render:(\S+) -->.*?<!-- /render -->", table, text, flags=re.S)
     readme.write_text(new)
     print(f"filled {readme}")
+
+
+#: result-file name prefix -> the function that renders its Markdown table
+TABLES = {"quality": quality_table, "nfe": nfe_table, "speed": speed_table, "precision": precision_table,
+          "threads": threads_table, "volumes": volumes_table, "volume_predict": volume_predict_table}
 
 
 def main() -> None:
