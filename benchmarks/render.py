@@ -313,6 +313,11 @@ def volume_predict_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: result-file name prefix -> the function that renders its Markdown table
+TABLES = {"quality": quality_table, "nfe": nfe_table, "speed": speed_table, "precision": precision_table,
+          "threads": threads_table, "volumes": volumes_table, "volume_predict": volume_predict_table}
+
+
 def table_for(name: str) -> Optional[Callable[[dict], str]]:
     """The table function of a result file: ``*_tune.json`` -> the variants table, otherwise the longest of
     :data:`TABLES`' prefixes that the file's name starts with (``volume_predict.json`` is not a ``volumes`` file)."""
@@ -352,11 +357,6 @@ def fill_readme(readme: Path) -> None:
     new = re.sub(r"<!-- render:(\S+) -->.*?<!-- /render -->", table, text, flags=re.S)
     readme.write_text(new)
     print(f"filled {readme}")
-
-
-#: result-file name prefix -> the function that renders its Markdown table
-TABLES = {"quality": quality_table, "nfe": nfe_table, "speed": speed_table, "precision": precision_table,
-          "threads": threads_table, "volumes": volumes_table, "volume_predict": volume_predict_table}
 
 
 def main() -> None:
