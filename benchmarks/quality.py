@@ -183,20 +183,45 @@ def predict_score(run_dir: str, name: str, images: list[Path], work: Path, ref_d
     return out
 
 
+def reused_segphase(doc: dict[str, Any], key: str, minutes: float) -> dict[str, Any]:
+    """The segmentor phase recorded in ``doc``'s row ``key`` (an earlier variant of the same method), for a
+    paired ablation: the lever's run starts from the very segmentor the other variant started from, so the
+    difference is the lever's, not a segmentor rerun's (~0.7 Dice points on MNI). Its minutes still count in
+    the budget. Refused with the reason when that row, its segmentor phase or its run folder is missing, or when
+    the phase had another length than ``minutes``."""
+    row = doc.get("rows", {}).get(key)
+    if row is None:
+        raise SystemExit(f"--segphase-from: no row '{key}' in this result file; run that variant first "
+                         f"(with --seg-share) or drop --segphase-from")
+    seg = next((r for r in row["runs"] if r["phase"] == "segmentor"), None)
+    if seg is None:
+        raise SystemExit(f"--segphase-from: row '{key}' had no segmentor phase (it ran without --seg-share)")
+    if abs(seg["minutes"] - minutes) > 1e-6:
+        raise SystemExit(f"--segphase-from: row '{key}' trained its segmentor for {seg['minutes']} min, this run's "
+                         f"budget gives it {minutes} min; use the same --minutes and --seg-share")
+    if not (Path(seg["run_dir"]) / "checkpoints").is_dir():
+        raise SystemExit(f"--segphase-from: the run folder {seg['run_dir']} of row '{key}' is gone (another "
+                         f"--work, or /tmp was cleaned); rerun that variant")
+    return {**seg, "reused_from": key}
+
+
 def train_and_score(method: str, dataset: str, key: str, minutes: float, share: float, work: Path,
                     data_sets: list[str], extra_sets: list[str], score_run: Callable[..., dict[str, Any]],
-                    fields: dict[str, Any]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+                    fields: dict[str, Any], seg: Optional[dict[str, Any]] = None
+                    ) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
     """One method's rows at equal total minutes, everything counted: a segmentor run of ``share`` x ``minutes``
     (``segmentor_<dataset>`` with the method's segmentor architecture) that the method starts from
     (``train.prior_run``), then ``<method>_<dataset>`` for the rest, both reading ``data_sets`` and the method's
     run also ``extra_sets`` (an ablation's overrides); ``score_run(run_dir, name, **predict_kw)`` scores the run.
+    ``seg``: an earlier variant's segmentor phase to start from instead of training one (:func:`reused_segphase`).
     Returns the method's row and, for a method with a segmentor, the row of that segmentor inside the same run
     predicted alone (what the diffusion adds to it), else None. ``fields`` go into both rows."""
     sets = data_sets + extra_sets
     runs = []
     if share > 0:
-        seg = train_run(f"segmentor_{dataset}", f"{key}_segphase", minutes * share, work,
-                        data_sets + segmentor_sets(method, dataset))
+        if seg is None:
+            seg = train_run(f"segmentor_{dataset}", f"{key}_segphase", minutes * share, work,
+                            data_sets + segmentor_sets(method, dataset))
         runs.append({"phase": "segmentor", **seg})
         sets = sets + [f"train.prior_run={seg['run_dir']}"]
     run = train_run(f"{method}_{dataset}", key, minutes * (1.0 - share), work, sets)
@@ -224,6 +249,9 @@ def main() -> None:
     ap.add_argument("--variant", default=None, help="name of this row set (with --set: an ablation)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the methods' runs (repeatable)")
+    ap.add_argument("--segphase-from", default=None, metavar="VARIANT",
+                    help="with --seg-share: start from the segmentor phase that VARIANT's row of the same method "
+                         "trained (a paired ablation; its minutes still count) instead of training one")
     ap.add_argument("--ensemble", type=int, default=None, help="ensemble members (default: the configs')")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: diffmis's)")
     ap.add_argument("--work", default="/tmp/diffmis_quality")
@@ -254,8 +282,10 @@ def main() -> None:
             # the segmentor alone (more = {"segmentor_only": True}) is one pass: no --ensemble for it
             return predict_score(run_dir, name, images, work, ref_dir, fov_dir, k, **(more or kw))
 
+        seg = (reused_segphase(doc, f"{m}@{args.segphase_from}", minutes * share)
+               if args.segphase_from and share > 0 else None)
         row, seg_row = train_and_score(m, args.dataset, key, minutes, share, work, data_sets, list(args.sets),
-                                       score_run, {"variant": variant})
+                                       score_run, {"variant": variant}, seg)
         doc["rows"][key] = row
         print(f"{key}: Dice {row['dice_mean']:.4f} +- {row['dice_std']:.4f}, ECE {row['ece']}, AUROC "
               f"{row['error_auroc']}, steps {row['steps']}, NFE {row['nfe_per_image']}", flush=True)

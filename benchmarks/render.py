@@ -85,6 +85,8 @@ def _overrides(r: dict[str, Any]) -> list[str]:
     levers set by the recipe's config rather than by the row's overrides (``(config)``; recorded since 2026-11-30)."""
     seg = [x for x in r.get("runs", []) if x.get("phase") == "segmentor"]
     share = [f"--seg-share {seg[0]['minutes'] / r['budget_minutes']:g}"] if seg else []
+    if seg and "reused_from" in seg[0]:  # a paired ablation: the segmentor phase of another variant's row
+        share.append(f"--segphase-from {seg[0]['reused_from'].split('@', 1)[1]}")
     sets = list(r.get("sets", []))
     method_run = [x for x in r.get("runs", []) if x.get("phase") == "method"]
     named = {s.split("=")[0] for s in sets}
@@ -103,9 +105,11 @@ def variants_table(data: dict[str, Any]) -> str:
     rows = sorted(data["rows"].values(), key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else 99,
                                                        r["variant"] != "default", r["variant"]))
     for r in rows:
-        base = data["rows"].get(f"{r['method']}@default")
+        base = next((x for x in data["rows"].values() if x["method"] == r["method"] and x["variant"] == "default"
+                     and x.get("dims") == r.get("dims")), None)  # volumes: the default of the same dims
         diff = "" if base is None or r["variant"] == "default" else f"{r['dice_mean'] - base['dice_mean']:+.3f}"
-        lines.append(f"| {LABEL.get(r['method'], r['method'])} | {r['variant']} | "
+        dims = f" ({r['dims']}D)" if "dims" in r else ""
+        lines.append(f"| {LABEL.get(r['method'], r['method'])}{dims} | {r['variant']} | "
                      f"{' '.join(f'`{x}`' for x in _overrides(r)) or '-'} | {_budget(r)} | {r['dice_mean']:.3f} | "
                      f"{_f(r.get('ece'), '.3f')} | {_f(r.get('error_auroc'), '.3f')} | {diff} |")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, CpuMonitor, environment, write_result  # noqa: E402
-from quality import WITH_SEGMENTOR, predict_score, shared_data, train_and_score  # noqa: E402
+from quality import WITH_SEGMENTOR, predict_score, reused_segphase, shared_data, train_and_score  # noqa: E402
 
 from diffmis.config import load_config  # noqa: E402
 from diffmis.data.layouts import index_nnunet, resolve_split  # noqa: E402
@@ -68,6 +68,9 @@ def main() -> None:
                     help="fraction of the budget a method with a segmentor spends on a segmentor run first")
     ap.add_argument("--variant", default="default")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--segphase-from", default=None, metavar="VARIANT",
+                    help="with --seg-share: start from the segmentor phase that VARIANT's row of the same method "
+                         "trained (a paired ablation; its minutes still count) instead of training one")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", default="/tmp/diffmis_volumes")
     args = ap.parse_args()
@@ -99,8 +102,10 @@ def main() -> None:
             def score_run(run_dir: str, name: str, **more: Any) -> dict[str, Any]:
                 return predict_score(run_dir, name, images, work, refs, None, k, **more)
 
+            seg = (reused_segphase(doc, f"{m}_{dims}d@{args.segphase_from}", args.minutes * share)
+                   if args.segphase_from and share > 0 else None)
             row, seg_row = train_and_score(m, dataset, key, args.minutes, share, work, data_sets, list(args.sets),
-                                           score_run, {"dims": dims, "variant": args.variant})
+                                           score_run, {"dims": dims, "variant": args.variant}, seg)
             doc["rows"][key] = row
             print(f"{key}: Dice {row['dice_mean']:.4f} +- {row['dice_std']:.4f}, HD95 {row['hd95_mean']:.2f} mm, "
                   f"steps {row['steps']}, s/volume {row['seconds_per_image']}", flush=True)

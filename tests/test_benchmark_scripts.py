@@ -1,0 +1,55 @@
+"""The benchmark scripts' bookkeeping: a paired ablation reuses a recorded segmentor phase only when it can, and
+the tuning table shows which rows are paired and compares each with the default of its own dims."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import render  # noqa: E402
+from quality import reused_segphase  # noqa: E402
+
+
+def _row(method: str, variant: str, dice: float, seg_dir: Path, *, dims: int = 3, reused: str = "",
+         sets: tuple[str, ...] = ()) -> dict:
+    seg = {"phase": "segmentor", "run_dir": str(seg_dir), "minutes": 10.0, "steps": 100}
+    if reused:
+        seg["reused_from"] = reused
+    return {"method": method, "variant": variant, "dims": dims, "budget_minutes": 20.0, "sets": list(sets),
+            "runs": [seg, {"phase": "method", "run_dir": "x", "minutes": 10.0, "steps": 50}],
+            "dice_mean": dice, "ece": 0.01, "error_auroc": 0.9}
+
+
+def test_reused_segphase_takes_a_recorded_phase_and_refuses_what_it_cannot(tmp_path):
+    seg_dir = tmp_path / "runs" / "hidiff_3d@default_segphase"
+    doc = {"rows": {"hidiff_3d@default": _row("hidiff", "default", 0.88, seg_dir),
+                    "segmentor_3d@default": {"method": "segmentor", "runs": [{"phase": "method", "minutes": 20.0}]}}}
+    with pytest.raises(SystemExit, match="run folder .* is gone"):
+        reused_segphase(doc, "hidiff_3d@default", 10.0)
+    (seg_dir / "checkpoints").mkdir(parents=True)
+    got = reused_segphase(doc, "hidiff_3d@default", 10.0)
+    assert got["run_dir"] == str(seg_dir) and got["steps"] == 100 and got["reused_from"] == "hidiff_3d@default"
+    assert "reused_from" not in doc["rows"]["hidiff_3d@default"]["runs"][0]  # the source row is left as it was
+    with pytest.raises(SystemExit, match="no row 'hidiff_3d@other'"):
+        reused_segphase(doc, "hidiff_3d@other", 10.0)
+    with pytest.raises(SystemExit, match="had no segmentor phase"):
+        reused_segphase(doc, "segmentor_3d@default", 10.0)
+    with pytest.raises(SystemExit, match="10.0 min, this run's budget gives it 5.0"):
+        reused_segphase(doc, "hidiff_3d@default", 5.0)
+
+
+def test_variants_table_pairs_rows_with_the_default_of_their_dims(tmp_path):
+    rows = {"hidiff_3d@default": _row("hidiff", "default", 0.880, tmp_path),
+            "hidiff_2d@default": _row("hidiff", "default", 0.860, tmp_path, dims=2),
+            "hidiff_3d@noise0": _row("hidiff", "noise0", 0.885, tmp_path, reused="hidiff_3d@default",
+                                     sets=("diffusion.prior_noise=0",))}
+    table = render.variants_table({"rows": rows, "n_cases": 26, "eval_split": "val", "environment": {}})
+    line = next(x for x in table.splitlines() if "| noise0 |" in x)
+    assert line.startswith("| HiDiff (refined) (3D) | noise0 |")
+    assert "`--seg-share 0.5` `--segphase-from default` `diffusion.prior_noise=0`" in line
+    assert line.rstrip().endswith("| +0.005 |")  # against the 3D default (0.880), not the 2D one (0.860)
+    default_2d = next(x for x in table.splitlines() if "(2D) | default |" in x)
+    assert "--segphase-from" not in default_2d
