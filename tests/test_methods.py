@@ -345,6 +345,25 @@ def test_training_timesteps_matched_to_the_sampler():
     assert seen == [hidiff.scheduler.timesteps - 1] * 4
 
 
+def test_hidiff_segmentor_step_every_nth_iteration():
+    """``train.segmentor_every``: after the segmentor-only pre-training, the refiner steps every iteration and the
+    segmentor every N-th (0: never, refused when nothing else would train the segmentor)."""
+    from diffmis.errors import ConfigError
+
+    def groups(**train) -> list[list[str]]:
+        method = build(config_from_dict(tiny_config("hidiff", Path("/tmp"), **train)))
+        return [[phase.group for phase in method.phases(step)] for step in range(7)]
+
+    both, refiner = ["refiner", "segmentor"], ["refiner"]
+    assert groups() == [both] * 7  # the paper's alternation, the default
+    assert groups(pretrain_steps=2, segmentor_every=3) == [["segmentor"]] * 2 + [both, refiner, refiner, both,
+                                                                                   refiner]
+    assert groups(pretrain_steps=1, segmentor_every=0) == [["segmentor"]] + [refiner] * 6
+    assert groups(segmentor_every=0, prior_run="/some/run")[0] == refiner  # from_config does not open the run
+    with pytest.raises(ConfigError, match=r"segmentor_every=0 never trains the segmentor.*train.prior_run"):
+        groups(segmentor_every=0)
+
+
 def test_a_lever_the_method_does_not_read_is_refused():
     from diffmis.errors import ConfigError
 

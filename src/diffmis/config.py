@@ -218,6 +218,9 @@ class TrainConfig(_Section):
     # HiDiff alternate-collaborative training (METHODS 5.5)
     w_diff: float = Field(0.1, ge=0)
     pretrain_steps: int = Field(0, ge=0)
+    # after pretrain_steps, the segmentor step runs every N-th iteration (the refiner's every iteration); 0: never
+    # (the segmentor stays as train.prior_run or the pretraining left it)
+    segmentor_every: int = Field(1, ge=0)
     # PD-DDPM: path of an existing segmentor run used as the pre-segmentation net (else one is trained)
     prior_run: Optional[str] = None
     prior_steps: int = Field(0, ge=0)

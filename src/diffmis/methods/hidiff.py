@@ -13,7 +13,8 @@ alternate-collaboratively.
 The chain and its loss are BerDiff's (:mod:`diffmis.methods.berdiff`) with the segmentor's prior. With
 ``diffusion.prior_residual`` (default) the refiner's output is added to the prior's Bayes flip logits, so an
 untrained refiner returns the segmentor's answer and training learns the correction. ``train.pretrain_steps``
-runs the segmentor step alone first; ``train.prior_run`` starts S from a segmentor run; ``diffusion.prior_noise``
+runs the segmentor step alone first, ``train.segmentor_every: N`` then runs the segmentor step on every N-th
+iteration only (0: never; S stays as it started); ``train.prior_run`` starts S from a segmentor run; ``diffusion.prior_noise``
 perturbs S's prior in the refiner step, so the refiner learns from mistakes like those S makes on unseen images
 (the co-trained S is near-perfect on its own training images).
 """
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffmis.config import Config
+from diffmis.errors import ConfigError
 from diffmis.losses import segmentation_loss_terms
 from diffmis.masks import probabilities
 from diffmis.methods.base import LossOutput, Phase, build_model, compose, register, segmentor_from_config, trainable
@@ -45,6 +47,7 @@ class HiDiff(BerDiff):
             -> flip logits``.
         w_diff: weight of L_BBDM in the segmentor step (``train.w_diff``).
         pretrain_steps: iterations that run the segmentor step alone (without L_BBDM) first.
+        segmentor_every: after those, the segmentor step runs on every N-th iteration (0: never).
         **kwargs: :class:`BerDiff`'s (scheduler, num_classes, loss weights, focal lambda, prior residual, sampler).
     """
 
@@ -52,21 +55,29 @@ class HiDiff(BerDiff):
     levers = ("prior_noise", "train_timesteps")
 
     def __init__(self, segmentor: nn.Module, denoiser: nn.Module, *, w_diff: float = 0.1, pretrain_steps: int = 0,
-                 prior_residual: bool = True, prior_noise: float = 0.0, **kwargs: Any) -> None:
+                 segmentor_every: int = 1, prior_residual: bool = True, prior_noise: float = 0.0,
+                 **kwargs: Any) -> None:
         super().__init__(denoiser, prior_residual=prior_residual, **kwargs)
         self.segmentor = segmentor
         self.w_diff = w_diff
         self.pretrain_steps = pretrain_steps
+        self.segmentor_every = segmentor_every
         self.prior_noise = prior_noise
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> "HiDiff":
+        t = cfg.train
+        if t.segmentor_every == 0 and t.prior_run is None and t.pretrain_steps == 0:
+            raise ConfigError("train.segmentor_every=0 never trains the segmentor, and it has neither "
+                              "train.prior_run nor train.pretrain_steps: its prior would stay random. Give a "
+                              "segmentor run (--set train.prior_run=RUN) or segmentor_every >= 1")
         seg = segmentor_from_config(cfg, "the prior segmentor")
         refiner = build_model(cfg.model.name, dict(cfg.model.params), in_channels=cfg.data.in_channels,
                               num_classes=cfg.data.num_classes, segmentor_channels=list(seg.feature_channels),
                               spatial_dims=cfg.data.spatial_dims)
         return super().from_config(cfg, segmentor=seg, denoiser=refiner, w_diff=cfg.train.w_diff,
-                                   pretrain_steps=cfg.train.pretrain_steps, prior_noise=cfg.diffusion.prior_noise,
+                                   pretrain_steps=cfg.train.pretrain_steps,
+                                   segmentor_every=cfg.train.segmentor_every, prior_noise=cfg.diffusion.prior_noise,
                                    **kwargs)
 
     def segmentor_module(self) -> nn.Module:
@@ -98,7 +109,11 @@ class HiDiff(BerDiff):
     def phases(self, step: int) -> list[Phase]:
         if step < self.pretrain_steps:  # the segmentor alone first
             return [Phase("segmentor", self.segmentor_loss_alone)]
-        return [Phase("refiner", self.refiner_loss, ema=True), Phase("segmentor", self.segmentor_loss)]
+        refine = Phase("refiner", self.refiner_loss, ema=True)
+        k = self.segmentor_every
+        if k == 0 or (step - self.pretrain_steps) % k:  # the refiner alone this iteration
+            return [refine]
+        return [refine, Phase("segmentor", self.segmentor_loss)]
 
     def refiner_loss(self, image: Tensor, mask: Tensor, step: int = 0,
                      generator: Optional[torch.Generator] = None) -> LossOutput:
