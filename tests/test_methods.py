@@ -360,6 +360,8 @@ def test_hidiff_segmentor_step_every_nth_iteration():
                                                                                    refiner]
     assert groups(pretrain_steps=1, segmentor_every=0) == [["segmentor"]] + [refiner] * 6
     assert groups(segmentor_every=0, prior_run="/some/run")[0] == refiner  # from_config does not open the run
+    assert groups(segmentor_every="auto", prior_run="/some/run") == [refiner] * 7  # S from a segmentor run: frozen
+    assert groups(segmentor_every="auto") == [both] * 7
     with pytest.raises(ConfigError, match=r"segmentor_every=0 never trains the segmentor.*train.prior_run"):
         groups(segmentor_every=0)
 

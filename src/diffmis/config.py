@@ -14,7 +14,8 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 from diffmis.errors import ConfigError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator,
+                      model_validator)
 
 __all__ = [
     "ConfigError",
@@ -219,8 +220,8 @@ class TrainConfig(_Section):
     w_diff: float = Field(0.1, ge=0)
     pretrain_steps: int = Field(0, ge=0)
     # after pretrain_steps, the segmentor step runs every N-th iteration (the refiner's every iteration); 0: never
-    # (the segmentor stays as train.prior_run or the pretraining left it)
-    segmentor_every: int = Field(1, ge=0)
+    # (the segmentor stays as train.prior_run or the pretraining left it); auto: 0 with a train.prior_run, else 1
+    segmentor_every: Union[Literal["auto"], NonNegativeInt] = 1
     # PD-DDPM: path of an existing segmentor run used as the pre-segmentation net (else one is trained)
     prior_run: Optional[str] = None
     prior_steps: int = Field(0, ge=0)

@@ -14,7 +14,7 @@ The chain and its loss are BerDiff's (:mod:`diffmis.methods.berdiff`) with the s
 ``diffusion.prior_residual`` (default) the refiner's output is added to the prior's Bayes flip logits, so an
 untrained refiner returns the segmentor's answer and training learns the correction. ``train.pretrain_steps``
 runs the segmentor step alone first, ``train.segmentor_every: N`` then runs the segmentor step on every N-th
-iteration only (0: never; S stays as it started); ``train.prior_run`` starts S from a segmentor run; ``diffusion.prior_noise``
+iteration only (0: never, S stays as it started; ``auto``: 0 after a ``train.prior_run``, else 1); ``train.prior_run`` starts S from a segmentor run; ``diffusion.prior_noise``
 perturbs S's prior in the refiner step, so the refiner learns from mistakes like those S makes on unseen images
 (the co-trained S is near-perfect on its own training images).
 """
@@ -67,7 +67,8 @@ class HiDiff(BerDiff):
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> "HiDiff":
         t = cfg.train
-        if t.segmentor_every == 0 and t.prior_run is None and t.pretrain_steps == 0:
+        every = (0 if t.prior_run else 1) if t.segmentor_every == "auto" else t.segmentor_every
+        if every == 0 and t.prior_run is None and t.pretrain_steps == 0:
             raise ConfigError("train.segmentor_every=0 never trains the segmentor, and it has neither "
                               "train.prior_run nor train.pretrain_steps: its prior would stay random. Give a "
                               "segmentor run (--set train.prior_run=RUN) or segmentor_every >= 1")
@@ -77,7 +78,7 @@ class HiDiff(BerDiff):
                               spatial_dims=cfg.data.spatial_dims)
         return super().from_config(cfg, segmentor=seg, denoiser=refiner, w_diff=cfg.train.w_diff,
                                    pretrain_steps=cfg.train.pretrain_steps,
-                                   segmentor_every=cfg.train.segmentor_every, prior_noise=cfg.diffusion.prior_noise,
+                                   segmentor_every=every, prior_noise=cfg.diffusion.prior_noise,
                                    **kwargs)
 
     def segmentor_module(self) -> nn.Module:
