@@ -14,7 +14,8 @@ The chain and its loss are BerDiff's (:mod:`diffmis.methods.berdiff`) with the s
 ``diffusion.prior_residual`` (default) the refiner's output is added to the prior's Bayes flip logits, so an
 untrained refiner returns the segmentor's answer and training learns the correction. ``train.pretrain_steps``
 runs the segmentor step alone first, ``train.segmentor_every: N`` then runs the segmentor step on every N-th
-iteration only (0: never, S stays as it started; ``auto``: 0 after a ``train.prior_run``, else 1); ``train.prior_run`` starts S from a segmentor run; ``diffusion.prior_noise``
+iteration only (0: never, S stays as it started; ``auto``: 0 after a ``train.prior_run``, else 1);
+``train.prior_run`` starts S from a segmentor run; ``diffusion.prior_noise``
 perturbs S's prior in the refiner step, so the refiner learns from mistakes like those S makes on unseen images
 (the co-trained S is near-perfect on its own training images).
 """
