@@ -205,6 +205,19 @@ def reused_segphase(doc: dict[str, Any], key: str, minutes: float) -> dict[str, 
     return {**seg, "reused_from": key}
 
 
+def check_segphase_from(segphase_from: Optional[str], seg_share: float, methods: list[str]) -> None:
+    """Refuse ``--segphase-from`` where it would be ignored: without ``--seg-share`` or without a method that has
+    a segmentor phase (a paired ablation that silently trains a fresh segmentor would not be one)."""
+    if segphase_from is None:
+        return
+    if seg_share <= 0:
+        raise SystemExit("--segphase-from reuses a segmentor phase, and --seg-share is 0 (no segmentor phase): "
+                         "give the --seg-share that the row was trained with, or drop --segphase-from")
+    if not WITH_SEGMENTOR & set(methods):
+        raise SystemExit(f"--segphase-from: none of --methods {' '.join(methods)} has a segmentor phase (those "
+                         f"that do: {', '.join(sorted(WITH_SEGMENTOR))}); drop --segphase-from")
+
+
 def train_and_score(method: str, dataset: str, key: str, minutes: float, share: float, work: Path,
                     data_sets: list[str], extra_sets: list[str], score_run: Callable[..., dict[str, Any]],
                     fields: dict[str, Any], seg: Optional[dict[str, Any]] = None
@@ -258,6 +271,7 @@ def main() -> None:
     args = ap.parse_args()
     if not 0.0 <= args.seg_share < 1.0:
         raise SystemExit("--seg-share must be in [0, 1)")
+    check_segphase_from(args.segphase_from, args.seg_share, args.methods)
     threads = set_threads(args.threads).threads
     minutes = args.minutes or BUDGET[args.dataset]
     tag = args.dataset + ("_tune" if args.split == "tune" else "")

@@ -30,7 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, CpuMonitor, environment, write_result  # noqa: E402
-from quality import WITH_SEGMENTOR, predict_score, reused_segphase, shared_data, train_and_score  # noqa: E402
+from quality import (WITH_SEGMENTOR, check_segphase_from, predict_score, reused_segphase, shared_data,  # noqa: E402
+                     train_and_score)
 
 from diffmis.config import load_config  # noqa: E402
 from diffmis.data.layouts import index_nnunet, resolve_split  # noqa: E402
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", default="/tmp/diffmis_volumes")
     args = ap.parse_args()
+    check_segphase_from(args.segphase_from, args.seg_share, args.methods)
     threads = set_threads(args.threads).threads
     root = shared_data() / "msd-hippocampus"
     if not root.is_dir():

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import render  # noqa: E402
-from quality import reused_segphase  # noqa: E402
+from quality import check_segphase_from, reused_segphase  # noqa: E402
 
 
 def _row(method: str, variant: str, dice: float, seg_dir: Path, *, dims: int = 3, reused: str = "",
@@ -39,6 +39,15 @@ def test_reused_segphase_takes_a_recorded_phase_and_refuses_what_it_cannot(tmp_p
         reused_segphase(doc, "segmentor_3d@default", 10.0)
     with pytest.raises(SystemExit, match="10.0 min, this run's budget gives it 5.0"):
         reused_segphase(doc, "hidiff_3d@default", 5.0)
+
+
+def test_segphase_from_is_refused_where_it_would_be_ignored():
+    check_segphase_from(None, 0.0, ["segmentor"])
+    check_segphase_from("default", 0.5, ["segmentor", "hidiff"])  # a mixed list: hidiff reuses it
+    with pytest.raises(SystemExit, match="--seg-share is 0"):
+        check_segphase_from("default", 0.0, ["hidiff"])
+    with pytest.raises(SystemExit, match="none of --methods segmentor medsegdiff has a segmentor phase"):
+        check_segphase_from("default", 0.5, ["segmentor", "medsegdiff"])
 
 
 def test_variants_table_pairs_rows_with_the_default_of_their_dims(tmp_path):

@@ -366,6 +366,29 @@ def test_hidiff_segmentor_step_every_nth_iteration():
         groups(segmentor_every=0)
 
 
+def test_hidiff_frozen_segmentor_runs_in_eval_mode_in_the_refiner_step():
+    """With ``segmentor_every: 0`` S no longer learns: the refiner step runs it as sampling does (eval mode), so a
+    batch-norm segmentor's running statistics stay those it was trained with; while S still learns (pre-training,
+    alternation) the refiner step leaves its mode alone and the statistics follow the batches."""
+    def stats_after_refiner_step(step: int, **train) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        cfg = tiny_config("hidiff", Path("/tmp"), **train)
+        cfg["model"]["segmentor"] = {"name": "unet", "params": {"features": [8, 8, 16, 16, 32, 8], "norm": "batch"}}
+        method = build(config_from_dict(cfg))
+        method.train()
+        bn = next(m for m in method.segmentor.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        before = bn.running_mean.clone()
+        image, mask = torch.randn(2, 1, 32, 32) + 3.0, (torch.rand(2, 1, 32, 32) > 0.5).float()
+        method.refiner_loss(image, mask, step=step, generator=torch.Generator().manual_seed(0))
+        return before, bn.running_mean.clone(), method.segmentor.training
+
+    before, after, training = stats_after_refiner_step(3, pretrain_steps=2, segmentor_every=0)
+    assert torch.equal(before, after) and training  # frozen: eval for the step, then back to train mode
+    before, after, training = stats_after_refiner_step(1, pretrain_steps=2, segmentor_every=0)
+    assert not torch.allclose(before, after) and training  # still pre-training: statistics follow the batch
+    before, after, _ = stats_after_refiner_step(3, pretrain_steps=2, segmentor_every=1)
+    assert not torch.allclose(before, after)  # alternating: S still learns
+
+
 def test_a_lever_the_method_does_not_read_is_refused():
     from diffmis.errors import ConfigError
 

@@ -14,8 +14,8 @@ The chain and its loss are BerDiff's (:mod:`diffmis.methods.berdiff`) with the s
 ``diffusion.prior_residual`` (default) the refiner's output is added to the prior's Bayes flip logits, so an
 untrained refiner returns the segmentor's answer and training learns the correction. ``train.pretrain_steps``
 runs the segmentor step alone first, ``train.segmentor_every: N`` then runs the segmentor step on every N-th
-iteration only (0: never, S stays as it started; ``auto``: 0 after a ``train.prior_run``, else 1);
-``train.prior_run`` starts S from a segmentor run; ``diffusion.prior_noise``
+iteration only (0: never, S stays as it started and runs in eval mode, as at sampling; ``auto``: 0 after a
+``train.prior_run``, else 1); ``train.prior_run`` starts S from a segmentor run; ``diffusion.prior_noise``
 perturbs S's prior in the refiner step, so the refiner learns from mistakes like those S makes on unseen images
 (the co-trained S is near-perfect on its own training images).
 """
@@ -117,11 +117,22 @@ class HiDiff(BerDiff):
             return [refine]
         return [refine, Phase("segmentor", self.segmentor_loss)]
 
+    def segmentor_frozen(self, step: int) -> bool:
+        """Whether S is past its last optimizer step at ``step`` (``segmentor_every: 0`` after pre-training)."""
+        return self.segmentor_every == 0 and step >= self.pretrain_steps
+
     def refiner_loss(self, image: Tensor, mask: Tensor, step: int = 0,
                      generator: Optional[torch.Generator] = None) -> LossOutput:
         """Step 1 (METHODS 5.5): L_BBDM with S's prior and features detached (the prior perturbed by
-        ``prior_noise``, so that the refiner sees the kind of mistakes S makes on unseen images)."""
-        _, cond, _ = self.prior_and_condition(image, detach=True, noise=self.prior_noise, generator=generator)
+        ``prior_noise``, so that the refiner sees the kind of mistakes S makes on unseen images). A frozen S runs
+        in eval mode, as at sampling: its batch-norm statistics stay those it was trained with, its dropout off."""
+        was_training = self.segmentor.training
+        if was_training and self.segmentor_frozen(step):
+            self.segmentor.eval()
+        try:
+            _, cond, _ = self.prior_and_condition(image, detach=True, noise=self.prior_noise, generator=generator)
+        finally:
+            self.segmentor.train(was_training)
         return compose(self.bbdm_terms(mask, cond, generator), self.loss_weights,
                        {"kl": 1.0, "focal": self.focal_lambda})
 
