@@ -430,3 +430,31 @@ def test_start_step_zero_samples_from_pure_noise(runs, monkeypatch):
     monkeypatch.undo()
     pd = Predictor.from_run(runs["pd"], steps=3, ensemble=1)
     assert pd.start_step is not None and pd.predict_array(_grey(32, 32, 1), "a").nfe == 4  # prior pass + 3
+
+
+def test_predicting_at_timesteps_a_sampler_trained_network_never_saw_warns():
+    """``diffusion.train_timesteps: sampler`` trains the network at its default sampler's timesteps only: another
+    chain is allowed (the NFE sweeps use it) but warned about, naming the timesteps and the fix."""
+    import warnings
+
+    d = tiny_config("hidiff", Path("."))
+    d["diffusion"]["train_timesteps"] = "sampler"
+    d["sample"]["steps"] = 1
+    cfg = config_from_dict(d)
+    method = build(cfg)
+    assert method.untrained_timesteps(1) == []
+    assert method.untrained_timesteps(3) == [t for t in method.scheduler.sampling_timesteps(3) if t != 9] != []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Predictor(method, cfg)  # the run's own chain: no warning
+    with pytest.warns(UserWarning, match=r"only at the timesteps its default sampler visits.*3 steps also visit "
+                                         r"timesteps \[\d, 0\].*diffusion.train_timesteps: all"):
+        Predictor(method, cfg, steps=3)
+
+    pd = tiny_config("pd_ddpm", Path("."))  # T = 50, start step 20, 3 steps
+    pd["diffusion"]["train_timesteps"] = "sampler"
+    method = build(config_from_dict(pd))
+    assert method.untrained_timesteps(3, 20) == []
+    assert 49 in method.untrained_timesteps(3, None)  # the full chain from noise starts where it never trained
+    pd["diffusion"]["train_timesteps"] = "all"
+    assert build(config_from_dict(pd)).untrained_timesteps(10, None) == []

@@ -22,6 +22,7 @@ list, batch size and seed.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence, Union
@@ -133,6 +134,14 @@ class Predictor:
         self.start_step = None if self.pure_noise else (start_step or method.default_start_step)
         self.steps = int(steps) if steps is not None else int(method.default_steps)
         method.check_sampling(steps=self.steps, start_step=self.start_step)
+        untrained = method.untrained_timesteps(self.steps, self.start_step)
+        if untrained:
+            warnings.warn(
+                f"this {cfg.experiment.recipe} run trained its network only at the timesteps its default sampler "
+                f"visits (diffusion.train_timesteps: sampler, sample.steps {method.default_steps}); {self.steps} steps"
+                f"{f' from start step {self.start_step}' if self.start_step else ''} also visit timesteps "
+                f"{untrained}, where it never trained: expect worse masks. Predict with the run's own steps, or "
+                f"train with diffusion.train_timesteps: all", UserWarning, stacklevel=3)
         if prior is not None:
             if not method.takes_start_step:
                 raise ConfigError(f"a prior (PD-DDPM start) needs a Gaussian diffusion run; this run is "

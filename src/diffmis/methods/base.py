@@ -265,6 +265,12 @@ class Method(nn.Module):
                     f"'{cfg.experiment.recipe}' need (they downsample {m.bit_length() - 1} times); use e.g. {hint}")
             return  # patches (when set) are what the networks see in training
 
+    def untrained_timesteps(self, steps: int, start_step: Optional[int] = None) -> list[int]:
+        """The timesteps that a chain of ``steps`` evaluations (from ``start_step``) visits and the network never
+        trained at: with ``diffusion.train_timesteps: sampler`` it trained only at the default sampler's. [] for a
+        network trained at every timestep, or without diffusion."""
+        return []
+
     def check_sampling(self, steps: Optional[int] = None, sampler: Optional[str] = None,
                        start_step: Optional[int] = None) -> None:
         """Raise :class:`ConfigError` naming the option when a sampler setting does not fit this method."""

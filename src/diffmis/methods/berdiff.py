@@ -129,6 +129,12 @@ class BerDiff(Method):
             return rand_t(n, self.scheduler.timesteps, generator, device)
         return chain_t(self.scheduler.sampling_timesteps(self.default_steps), n, generator, device)
 
+    def untrained_timesteps(self, steps: int, start_step: Optional[int] = None) -> list[int]:
+        if self.train_timesteps == "all":
+            return []
+        trained = set(self.scheduler.sampling_timesteps(self.default_steps))
+        return [t for t in self.scheduler.sampling_timesteps(steps) if t not in trained]
+
     def loss(self, image: Tensor, mask: Tensor, step: int = 0,
              generator: Optional[torch.Generator] = None) -> LossOutput:
         _, cond, _ = self.prior_and_condition(image)

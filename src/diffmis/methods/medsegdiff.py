@@ -145,6 +145,12 @@ class GaussianMaskDiffusion(Method):
         return chain_t(self.scheduler.sampling_timesteps(self.default_steps, self.default_start_step), n, generator,
                        device)
 
+    def untrained_timesteps(self, steps: int, start_step: Optional[int] = None) -> list[int]:
+        if self.train_timesteps == "all":
+            return []
+        trained = set(self.scheduler.sampling_timesteps(self.default_steps, self.default_start_step))
+        return [t for t in self.scheduler.sampling_timesteps(steps, start_step) if t not in trained]
+
     @torch.no_grad()
     def recycle_source(self, image: Tensor, generator: Optional[torch.Generator]
                        ) -> tuple[Tensor, Optional[Tensor]]:
