@@ -139,8 +139,18 @@ def train_run(cfg_name: str, name: str, minutes: float, work: Path, sets: list[s
             "images_seen": res.step * cfg.train.batch_size * cfg.train.grad_accum,
             "params": sum(p.numel() for p in res.method.parameters()), "precision": setup.get("precision"),
             "config": cfg_name, "overrides": list(sets),
-            "levers": {f"diffusion.{k}": v for k in type(res.method).levers  # the recipe levers set, from any source
-                       if (v := getattr(cfg.diffusion, k)) != LEVERS[k]}}
+            "levers": recipe_levers(res.method, cfg)}
+
+
+def recipe_levers(method: Any, cfg: Any) -> dict[str, Any]:
+    """The recipe levers a run used where they differ from their defaults, from any source (config or override):
+    the method's diffusion levers, and HiDiff's ``train.segmentor_every`` as resolved (``auto`` -> 0 or 1; the
+    paper's alternation, 1, is the default)."""
+    levers = {f"diffusion.{k}": v for k in type(method).levers if (v := getattr(cfg.diffusion, k)) != LEVERS[k]}
+    every = getattr(method, "segmentor_every", 1)
+    if every != 1:
+        levers["train.segmentor_every"] = every
+    return levers
 
 
 def segmentor_sets(method: str, dataset: str) -> list[str]:

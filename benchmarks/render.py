@@ -82,7 +82,8 @@ def quality_table(data: dict[str, Any], variant: str = "default") -> str:
 
 def _overrides(r: dict[str, Any]) -> list[str]:
     """The row's config overrides, its segmentor phase as the quality.py option that made it, and the recipe
-    levers set by the recipe's config rather than by the row's overrides (``(config)``; recorded since 2026-11-30)."""
+    levers set by the recipe's config rather than by the row's overrides (``(config)``; recorded since 2026-11-30,
+    HiDiff's resolved ``train.segmentor_every`` since the fourth session of that day)."""
     seg = [x for x in r.get("runs", []) if x.get("phase") == "segmentor"]
     share = [f"--seg-share {seg[0]['minutes'] / r['budget_minutes']:g}"] if seg else []
     if seg and "reused_from" in seg[0]:  # a paired ablation: the segmentor phase of another variant's row

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import render  # noqa: E402
-from quality import check_segphase_from, reused_segphase  # noqa: E402
+from quality import check_segphase_from, recipe_levers, reused_segphase  # noqa: E402
 
 
 def _row(method: str, variant: str, dice: float, seg_dir: Path, *, dims: int = 3, reused: str = "",
@@ -62,3 +62,23 @@ def test_variants_table_pairs_rows_with_the_default_of_their_dims(tmp_path):
     assert line.rstrip().endswith("| +0.005 |")  # against the 3D default (0.880), not the 2D one (0.860)
     default_2d = next(x for x in table.splitlines() if "(2D) | default |" in x)
     assert "--segphase-from" not in default_2d
+
+
+def test_recipe_levers_record_hidiffs_resolved_segmentor_every():
+    """A row records the levers its run used, from the config too: ``segmentor_every: auto`` as what it became, so
+    the tuning table can say which rows froze the segmentor."""
+    from _tiny import tiny_config
+
+    from diffmis.config import config_from_dict
+    from diffmis.methods import build
+
+    def levers(**train) -> dict:
+        cfg = config_from_dict(tiny_config("hidiff", Path("/tmp"), **train))
+        return recipe_levers(build(cfg), cfg)
+
+    assert levers() == {}  # the paper's alternation, every diffusion lever at its default
+    assert levers(segmentor_every="auto", prior_run="/some/run") == {"train.segmentor_every": 0}
+    row = _row("hidiff", "default", 0.9, Path("/tmp"))
+    row["runs"][1]["levers"] = {"train.segmentor_every": 0, "diffusion.train_timesteps": "sampler"}
+    assert render._overrides(row)[1:] == ["train.segmentor_every=0 (config)",
+                                          "diffusion.train_timesteps=sampler (config)"]
