@@ -180,6 +180,8 @@ class Method(nn.Module):
     default_start_step: Optional[int] = None
     #: T of the method's diffusion (None: no diffusion)
     timesteps: Optional[int] = None
+    #: ``diffusion.train_timesteps``: ``"all"`` (uniform over [0, T)) or ``"sampler"`` (the default chain's only)
+    train_timesteps: str = "all"
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Method":
@@ -265,11 +267,26 @@ class Method(nn.Module):
                     f"'{cfg.experiment.recipe}' need (they downsample {m.bit_length() - 1} times); use e.g. {hint}")
             return  # patches (when set) are what the networks see in training
 
+    def sampling_chain(self, steps: int, start_step: Optional[int] = None) -> list[int]:
+        """Descending timestep indices that a reverse chain of ``steps`` evaluations (from ``start_step``) visits;
+        methods with a diffusion define it."""
+        raise NotImplementedError(f"{type(self).__name__} has no diffusion chain")
+
+    def training_timesteps(self, n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+        """(n,) timesteps of a training batch: uniform in [0, T), or (``train_timesteps="sampler"``) uniform over
+        the indices the default sampler visits (:meth:`sampling_chain` of the default steps and start step)."""
+        if self.train_timesteps == "all":
+            return rand_t(n, self.timesteps, generator, device)
+        return chain_t(self.sampling_chain(self.default_steps, self.default_start_step), n, generator, device)
+
     def untrained_timesteps(self, steps: int, start_step: Optional[int] = None) -> list[int]:
         """The timesteps that a chain of ``steps`` evaluations (from ``start_step``) visits and the network never
         trained at: with ``diffusion.train_timesteps: sampler`` it trained only at the default sampler's. [] for a
         network trained at every timestep, or without diffusion."""
-        return []
+        if self.train_timesteps == "all":
+            return []
+        trained = set(self.sampling_chain(self.default_steps, self.default_start_step))
+        return [t for t in self.sampling_chain(steps, start_step) if t not in trained]
 
     def check_sampling(self, steps: Optional[int] = None, sampler: Optional[str] = None,
                        start_step: Optional[int] = None) -> None:

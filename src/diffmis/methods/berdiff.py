@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from diffmis.config import Config
 from diffmis.errors import ConfigError
-from diffmis.methods.base import (LossOutput, Method, build_model, chain_t, check_train_timesteps, compose, rand_t,
-                                  register, repeat_members)
+from diffmis.methods.base import (LossOutput, Method, build_model, check_train_timesteps, compose, register,
+                                  repeat_members)
 from diffmis.sampling import SampleOutput, bernoulli_sample
 from diffmis.schedulers import BernoulliScheduler
 
@@ -122,18 +122,8 @@ class BerDiff(Method):
         y_t = self.scheduler.q_sample(mask, prior, t, generator=generator)
         return self.scheduler.loss(self.flip_logits(y_t, t, cond), mask, y_t, prior.float(), t)
 
-    def training_timesteps(self, n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
-        """(n,) timesteps of a training batch: uniform in [0, T), or (``train_timesteps="sampler"``) uniform over
-        the indices the default sampler visits."""
-        if self.train_timesteps == "all":
-            return rand_t(n, self.scheduler.timesteps, generator, device)
-        return chain_t(self.scheduler.sampling_timesteps(self.default_steps), n, generator, device)
-
-    def untrained_timesteps(self, steps: int, start_step: Optional[int] = None) -> list[int]:
-        if self.train_timesteps == "all":
-            return []
-        trained = set(self.scheduler.sampling_timesteps(self.default_steps))
-        return [t for t in self.scheduler.sampling_timesteps(steps) if t not in trained]
+    def sampling_chain(self, steps: int, start_step: Optional[int] = None) -> list[int]:
+        return self.scheduler.sampling_timesteps(steps)  # no start step here (check_sampling refuses one)
 
     def loss(self, image: Tensor, mask: Tensor, step: int = 0,
              generator: Optional[torch.Generator] = None) -> LossOutput:

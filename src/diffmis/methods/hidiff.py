@@ -112,8 +112,7 @@ class HiDiff(BerDiff):
         if step < self.pretrain_steps:  # the segmentor alone first
             return [Phase("segmentor", self.segmentor_loss_alone)]
         refine = Phase("refiner", self.refiner_loss, ema=True)
-        k = self.segmentor_every
-        if k == 0 or (step - self.pretrain_steps) % k:  # the refiner alone this iteration
+        if self.segmentor_frozen(step) or (step - self.pretrain_steps) % self.segmentor_every:  # the refiner alone
             return [refine]
         return [refine, Phase("segmentor", self.segmentor_loss)]
 

@@ -27,8 +27,8 @@ from diffmis.config import Config
 from diffmis.errors import ConfigError
 from diffmis.losses import soft_dice_loss
 from diffmis.masks import hard_one_hot
-from diffmis.methods.base import (LossOutput, Method, build_model, chain_t, check_train_timesteps, compose, rand_t,
-                                  randn_like, register, repeat_members)
+from diffmis.methods.base import (LossOutput, Method, build_model, check_train_timesteps, compose, randn_like,
+                                  register, repeat_members)
 from diffmis.sampling import SampleOutput, gaussian_sample
 from diffmis.schedulers import GaussianScheduler
 
@@ -137,19 +137,8 @@ class GaussianMaskDiffusion(Method):
             raw["x0_seg"] = soft_dice_loss(prob, mask) + F.binary_cross_entropy(prob, mask)
         return raw, cond, t
 
-    def training_timesteps(self, n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
-        """(n,) timesteps of a training batch: uniform in [0, T), or (``train_timesteps="sampler"``) uniform over
-        the indices the default sampler visits (``default_steps`` over [0, T'))."""
-        if self.train_timesteps == "all":
-            return rand_t(n, self.scheduler.timesteps, generator, device)
-        return chain_t(self.scheduler.sampling_timesteps(self.default_steps, self.default_start_step), n, generator,
-                       device)
-
-    def untrained_timesteps(self, steps: int, start_step: Optional[int] = None) -> list[int]:
-        if self.train_timesteps == "all":
-            return []
-        trained = set(self.scheduler.sampling_timesteps(self.default_steps, self.default_start_step))
-        return [t for t in self.scheduler.sampling_timesteps(steps, start_step) if t not in trained]
+    def sampling_chain(self, steps: int, start_step: Optional[int] = None) -> list[int]:
+        return self.scheduler.sampling_timesteps(steps, start_step)  # over [0, T') from a PD-DDPM start
 
     @torch.no_grad()
     def recycle_source(self, image: Tensor, generator: Optional[torch.Generator]
