@@ -82,3 +82,30 @@ def test_recipe_levers_record_hidiffs_resolved_segmentor_every():
     row["runs"][1]["levers"] = {"train.segmentor_every": 0, "diffusion.train_timesteps": "sampler"}
     assert render._overrides(row)[1:] == ["train.segmentor_every=0 (config)",
                                           "diffusion.train_timesteps=sampler (config)"]
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearses_on_the_cpu(tmp_path):
+    """``benchmarks/gpu.py --device cpu --tiny``: the GPU check's every stage on toy sizes, as planned for a lent
+    GPU; every recipe trains and predicts, each row carries what the JSON promises."""
+    import json
+    import os
+    import subprocess
+
+    if __import__("torch").cuda.is_available():
+        pytest.skip("--device cpu is refused where a GPU is visible")
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"),
+                           "--device", "cpu", "--tiny", "--out", str(out), "--skip", "peer"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["tiny"] and doc["environment"]["machine"]["cpu"]["model"]
+    assert doc["tests"]["skipped"] and doc["compile"]["skipped"] and doc["peer"] == {"skipped": "--skip"}
+    for recipe, row in doc["recipes"].items():
+        assert "error" not in row, (recipe, row.get("traceback"))
+        assert row["train_images_per_s"] > 0 and row["predict_images_per_s"] > 0 and 0.0 <= row["dice"] <= 1.0
+        assert row["nfe_per_batch"] >= 1 and row["latency_one_image_s"]["eager"] > 0
+    assert doc["targets"]["every_recipe_trains_and_predicts"]["met"]
+    assert not doc["targets"]["cuda_tests_pass"]["met"]  # no GPU here: never reported as met

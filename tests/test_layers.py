@@ -24,7 +24,7 @@ LAYERS = {
     "schedulers": 2,
     "models": 3,
     "data": 4, "losses": 4, "metrics": 4,
-    "sampling": 5, "ensemble": 5, "checkpoint": 5, "windows": 5,
+    "sampling": 5, "cuda_graphs": 5, "ensemble": 5, "checkpoint": 5, "windows": 5,
     "methods": 6,
     "training": 7, "inference": 7, "evaluation": 7, "report": 7,
     "benchmarking": 8, "quickstart": 8,
@@ -50,7 +50,7 @@ def _layer(module: str) -> int:
 
 def _imports(path: Path) -> list[str]:
     """Every ``diffmis.*`` module ``path`` imports, at any depth (function-level imports included)."""
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -110,7 +110,7 @@ def test_trainer_and_predictor_know_no_method_by_name():
     for sub in ("training", "inference"):
         for path in (SRC / sub).rglob("*.py"):
             hits = [f"{path.relative_to(SRC)}:{i}: {line.strip()}"
-                    for i, line in enumerate(path.read_text().splitlines(), 1) if METHOD_WORDS.search(line)]
+                    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if METHOD_WORDS.search(line)]
             assert not hits, "\n".join(hits)
 
 

@@ -229,3 +229,36 @@ def test_bernoulli_sampler_random_model_probabilities_and_determinism(sampler):
         bernoulli_sample(lambda y, t: net(y), s, prior, steps=11)
     with pytest.raises(ConfigError, match="sampler"):
         bernoulli_sample(lambda y, t: net(y), s, prior, steps=2, sampler="ddim")
+
+
+def test_draws_come_from_the_generator_and_have_the_right_law():
+    from diffmis.schedulers import draw_bernoulli, draw_normal
+
+    p = torch.tensor([0.0, 0.25, 0.5, 1.0]).repeat(20000, 1)
+    a = draw_bernoulli(p, torch.Generator().manual_seed(5))
+    b = draw_bernoulli(p, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.dtype == p.dtype and set(a.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(a.mean(0), torch.tensor([0.0, 0.25, 0.5, 1.0]), atol=0.015)
+    z = draw_normal((200000,), torch.Generator().manual_seed(1), "cpu", torch.float64)
+    assert z.dtype == torch.float64 and abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    assert torch.equal(z, draw_normal((200000,), torch.Generator().manual_seed(1), "cpu", torch.float64))
+
+
+def test_step_graphs_patch_forward_while_active_and_run_eagerly_off_cuda():
+    from diffmis.cuda_graphs import StepGraphs
+
+    net = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    ref = net(x)
+    g = StepGraphs(net)
+    with g.active():
+        assert "forward" in net.__dict__
+        with torch.no_grad():
+            out = net(x)  # CPU tensors: an eager call, no capture
+    assert "forward" not in net.__dict__  # the class's forward is back
+    assert torch.allclose(out, ref) and g.stats() == {"captures": 0, "replays": 0, "eager_calls": 1,
+                                                      "graphs_kept": 0, "errors": []}
+    net.forward = lambda t: t * 2  # an instance-level forward is restored as it was
+    with StepGraphs(net).active():
+        pass
+    assert torch.equal(net(x), x * 2)

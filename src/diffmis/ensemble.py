@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from diffmis.errors import ConfigError
@@ -87,6 +86,8 @@ def fuse(samples: torch.Tensor, method: FuseMethod = "mean", threshold: float = 
 
 
 def _staple(samples: torch.Tensor, threshold: float) -> torch.Tensor:
+    import SimpleITK as sitk  # only STAPLE needs it: imported here, so prediction runs where it is not installed
+
     n, _, k = samples.shape[:3]
     if k == 1:
         hard = samples > threshold  # (N, B, 1, H, W)

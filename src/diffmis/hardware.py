@@ -33,6 +33,7 @@ __all__ = [
     "Resolved",
     "cpu_info",
     "cuda_info",
+    "prefer_fast_kernels",
     "usable_cores",
     "default_threads",
     "busy_cores",
@@ -373,6 +374,17 @@ def resolve_for(requested: str, channels_last: Union[bool, str], device: Any, sp
         out = dataclasses.replace(out, precision="fp32", reason="auto: 3D on a CPU, where bf16 training "
                                                                  "diverged to NaN")
     return out
+
+
+def prefer_fast_kernels() -> None:
+    """On a CUDA device: let cuDNN time its convolution algorithms once per shape and keep the fastest
+    (``cudnn.benchmark``; training and sampling repeat the same shapes thousands of times). Not when
+    deterministic algorithms were asked for (``torch.use_deterministic_algorithms``): the choice could differ
+    between runs."""
+    import torch
+
+    if not torch.are_deterministic_algorithms_enabled():
+        torch.backends.cudnn.benchmark = True
 
 
 def machine_record() -> dict[str, Any]:

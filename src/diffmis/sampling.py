@@ -4,8 +4,9 @@ A sampler sees only ``model_fn(x_t: (B, K, H, W), t: (B,) int64) -> (B, K, H, W)
 (eps / x0 / v for Gaussian models, flip logits for Bernoulli models), with the image condition already bound by
 the caller. The number of network evaluations (NFE) is the cost; each sampler reports it.
 
-Randomness comes only from ``generator`` (which must live on the sampling device), so a sampler is
-deterministic given it. The loops do no per-pixel python work and no device-to-host reads: step coefficients
+Randomness comes only from ``generator``, so a sampler is deterministic given it. The draws are made on the
+generator's own device and moved to the sampling device: with a CPU generator (the predictor's) a seed gives
+the same noise on a CPU and on a GPU, so their masks agree to rounding. The loops do no per-pixel python work and no device-to-host reads: step coefficients
 are python floats computed from the schedule tables before use, timestep vectors are built once.
 """
 
@@ -17,7 +18,7 @@ from typing import Callable, Literal, Optional, Sequence, Union
 import torch
 
 from diffmis.errors import ConfigError
-from diffmis.schedulers import BernoulliScheduler, GaussianScheduler
+from diffmis.schedulers import BernoulliScheduler, GaussianScheduler, draw_bernoulli, draw_normal
 
 __all__ = ["ModelFn", "SampleOutput", "gaussian_sample", "bernoulli_sample", "propose_start_step"]
 
@@ -91,7 +92,7 @@ def gaussian_sample(
         eta: DDIM stochasticity, >= 0 (ignored by ``"ddpm"``).
         init: (B, K, H, W) prior mask in {0, 1} or probabilities in [0, 1] (PD-DDPM pre-segmentation).
         start_step: ``T'`` in [1, T]; requires ``init`` unless it equals ``T``. Default: ``T``.
-        generator: the only source of randomness; must be on ``device``.
+        generator: the only source of randomness (on any device).
         device: default ``init``'s device, else the generator's, else CPU.
         dtype: floating dtype of the chain; default float32.
         keep_trajectory: also return the per-step ``x0_hat`` probabilities.
@@ -118,7 +119,7 @@ def gaussian_sample(
 
     chain = scheduler.sampling_timesteps(steps, start_step)
     ts = _timestep_rows(chain, shape[0], device)
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    x = draw_normal(shape, generator, device, dtype)
     if init is not None:  # PD-DDPM: x_{T'-1} ~ q(x_{T'-1} | x_0 = prior)
         x0_prior = scheduler.mask_to_x0(init.to(device=device, dtype=dtype))
         x = scheduler.add_noise(x0_prior, x, chain[0]).to(dtype)
@@ -171,7 +172,7 @@ def bernoulli_sample(
             uniform ``torch.full(shape, 0.5)`` is BerDiff). Its device is the sampling device.
         steps: network evaluations, ``1 <= steps <= T``.
         sampler: ``"bernoulli"`` (ancestral) or ``"bernoulli_ddim"``.
-        generator: the only source of randomness; must be on ``prior``'s device.
+        generator: the only source of randomness (on any device).
         keep_trajectory: also return the per-step ``y0_hat``.
 
     Returns:
@@ -184,7 +185,7 @@ def bernoulli_sample(
     p = prior.float().clamp(0.0, 1.0)
     chain = scheduler.sampling_timesteps(steps)
     ts = _timestep_rows(chain, p.shape[0], p.device)
-    y = torch.bernoulli(p, generator=generator)  # y_{T-1} ~ B(p)
+    y = draw_bernoulli(p, generator)  # y_{T-1} ~ B(p)
     trajectory = []
     y0_hat = p
     for i, t in enumerate(chain):
@@ -201,7 +202,7 @@ def bernoulli_sample(
             theta = scheduler.posterior_probs(y, y0_hat, p, t, t_prev)
         else:
             theta = scheduler.ddim_probs(y, y0_hat, t, t_prev)
-        y = torch.bernoulli(theta, generator=generator)
+        y = draw_bernoulli(theta, generator)
     return SampleOutput(
         probs=y0_hat, nfe=len(chain), trajectory=torch.stack(trajectory) if keep_trajectory else None
     )

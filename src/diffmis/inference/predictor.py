@@ -22,6 +22,7 @@ list, batch size and seed.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,11 @@ import torch.nn.functional as F
 
 from diffmis.checkpoint import load_checkpoint
 from diffmis.config import Config, load_config
+from diffmis.cuda_graphs import StepGraphs
 from diffmis.data import normalize_intensity, resize_image, resize_labels
 from diffmis.ensemble import FUSE_METHODS, entropy_bits, ensemble_predict
 from diffmis.errors import CheckpointError, ConfigError, InputError
-from diffmis.hardware import resolve_for
+from diffmis.hardware import prefer_fast_kernels, resolve_for
 from diffmis.masks import hard_labels, one_hot
 from diffmis.methods import Method, SegmentorMethod, build
 from diffmis.utils import autocast
@@ -79,9 +81,12 @@ class Predictor:
         prior: PD-DDPM pre-segmentation source: a :class:`Predictor` (e.g. of a segmentor run) whose hard masks
             start the chain at ``start_step``; None uses prior masks given per call, else the method's own
             pre-segmentation network (PD-DDPM runs).
-        seed: seed of the sampling noise (one generator per network batch).
+        seed: seed of the sampling noise (one CPU generator per network batch: a seed gives the same masks, to
+            rounding, on a CPU and on a GPU).
         tta: mirror test-time augmentation: average the outputs over the flips of every subset of the spatial
             axes (4 passes in 2D, 8 in 3D).
+        cuda_graphs: replay the per-step network calls from CUDA graphs (``diffmis.cuda_graphs``); None (the
+            default): on for CUDA devices whenever the method has a per-step network. Ignored on CPUs.
 
     Raises:
         ConfigError: a setting that does not fit the run (a sampler of another family, steps or start step out
@@ -92,7 +97,7 @@ class Predictor:
                  steps: Optional[int] = None, ensemble: Optional[int] = None, fuse: Optional[str] = None,
                  start_step: Optional[int] = None, sampler: Optional[str] = None, precision: Optional[str] = None,
                  batch_size: Optional[int] = None, prior: Optional["Predictor"] = None, seed: int = 0,
-                 tta: bool = False) -> None:
+                 tta: bool = False, cuda_graphs: Optional[bool] = None) -> None:
         if device is not None:
             method = method.to(torch.device(device))
         self.method = method.eval()
@@ -126,6 +131,12 @@ class Predictor:
         self.precision = self.resolved.precision
         if self.resolved.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
+        self.graphs: Optional[StepGraphs] = None
+        net = method.step_network()
+        if self.device.type == "cuda":
+            prefer_fast_kernels()
+            if net is not None and (cuda_graphs is None or cuda_graphs):
+                self.graphs = StepGraphs(net)
 
         # sampler settings, checked against the method (its samplers, T, whether it takes a start step)
         method.check_sampling(steps=steps, sampler=sampler, start_step=start_step)
@@ -287,10 +298,11 @@ class Predictor:
             kw["start_step"] = self.start_step
             if prior is not None:  # given masks (files or a prior run); else the method's own pre-segmentation
                 kw["init"] = crop_windows(prior, coords) if coords is not None else prior
-        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)  # on the CPU: the same noise, so masks, on any device
         if self.resolved.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), autocast(self.device, self.precision):
+        graphs = self.graphs.active() if self.graphs is not None else contextlib.nullcontext()
+        with torch.no_grad(), autocast(self.device, self.precision), graphs:
             res = ensemble_predict(self.method, image, n=self.ensemble, fuse=self.fuse, threshold=self.threshold,
                                    generator=gen, **kw)
         self._nfe += res.nfe

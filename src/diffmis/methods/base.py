@@ -245,6 +245,11 @@ class Method(nn.Module):
         """
         raise NotImplementedError
 
+    def step_network(self) -> Optional[nn.Module]:
+        """The network :meth:`sample` evaluates once per reverse step (None: no such network, e.g. one direct
+        pass). The predictor replays its calls from CUDA graphs on a GPU (``diffmis.cuda_graphs``)."""
+        return None
+
     def size_multiple(self) -> int:
         """H and W of an input must be divisible by this (the deepest downsampling of its networks)."""
         sizes = [getattr(m, "size_multiple", 1) for m in self.modules() if m is not self]

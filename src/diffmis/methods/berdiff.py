@@ -122,6 +122,9 @@ class BerDiff(Method):
         y_t = self.scheduler.q_sample(mask, prior, t, generator=generator)
         return self.scheduler.loss(self.flip_logits(y_t, t, cond), mask, y_t, prior.float(), t)
 
+    def step_network(self) -> nn.Module:
+        return self.network
+
     def sampling_chain(self, steps: int, start_step: Optional[int] = None) -> list[int]:
         return self.scheduler.sampling_timesteps(steps)  # no start step here (check_sampling refuses one)
 

@@ -137,6 +137,9 @@ class GaussianMaskDiffusion(Method):
             raw["x0_seg"] = soft_dice_loss(prob, mask) + F.binary_cross_entropy(prob, mask)
         return raw, cond, t
 
+    def step_network(self) -> nn.Module:
+        return self.denoiser
+
     def sampling_chain(self, steps: int, start_step: Optional[int] = None) -> list[int]:
         return self.scheduler.sampling_timesteps(steps, start_step)  # over [0, T') from a PD-DDPM start
 

@@ -1,15 +1,32 @@
-"""Helpers shared by the Gaussian and Bernoulli schedulers: timestep gathering and respaced sampling chains."""
+"""Helpers shared by the Gaussian and Bernoulli schedulers: timestep gathering, respaced sampling chains, and the
+samplers' random draws."""
 
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from diffmis.errors import ConfigError
 
 Timestep = Union[int, torch.Tensor]
+
+
+def draw_normal(shape: Sequence[int], generator: Optional[torch.Generator], device: Union[str, torch.device],
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise on ``device``, drawn on the generator's own device: a CPU generator gives the same
+    noise whichever device samples (the predictor's choice, so a seed means the same masks on a CPU and a GPU)."""
+    where = generator.device if generator is not None else torch.device(device)
+    return torch.randn(tuple(shape), generator=generator, device=where, dtype=dtype).to(device)
+
+
+def draw_bernoulli(p: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``y ~ B(p)`` elementwise (0./1. in ``p``'s dtype): ``u < p`` with ``u`` uniform, drawn on the generator's own
+    device as :func:`draw_normal`."""
+    where = generator.device if generator is not None else p.device
+    u = torch.rand(p.shape, generator=generator, device=where, dtype=torch.float32).to(p.device)
+    return (u < p).to(p.dtype)
 
 
 def linear_betas(timesteps: int) -> torch.Tensor:

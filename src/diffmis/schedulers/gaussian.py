@@ -33,6 +33,7 @@ from diffmis.errors import ConfigError
 from diffmis.schedulers._common import (
     Timestep,
     cosine_betas,
+    draw_normal,
     gather,
     linear_betas,
     respaced_timesteps,
@@ -252,7 +253,7 @@ class GaussianScheduler:
             x_t: (B, K, H, W).
             t, t_prev: python ints, ``-1 <= t_prev < t < T``.
             eta: >= 0.
-            generator: for the noise ``z`` (on ``x_t``'s device).
+            generator: for the noise ``z`` (on any device: :func:`draw_normal`).
 
         Returns:
             x_prev (B, K, H, W); x0_hat (B, K, H, W) in the mask range.
@@ -263,7 +264,7 @@ class GaussianScheduler:
         sigma = eta * ((1.0 - ab_p) / (1.0 - ab_t) * (1.0 - ab_t / ab_p)) ** 0.5
         x_prev = ab_p**0.5 * x0 + max(1.0 - ab_p - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
-            z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_prev.dtype)
+            z = draw_normal(x_t.shape, generator, x_t.device, x_prev.dtype)
             x_prev = x_prev + sigma * z
         return x_prev, x0
 
@@ -305,11 +306,16 @@ class RespacedDDPM:
 
         Args:
             pred: (B, K, H, W) network output at ``(x_t, t)``. x_t: (B, K, H, W). t: an index of the chain.
-            generator: for the noise (on ``x_t``'s device).
+            generator: for the noise (a generator on another device than ``x_t`` seeds one on ``x_t``'s).
 
         Returns:
             x_prev (B, K, H, W); x0_hat (B, K, H, W) in the mask range.
         """
+        if generator is not None and generator.device != x_t.device:
+            # MONAI draws the noise on x_t's device: a generator there, seeded from the given one (still
+            # deterministic given it; unlike DDIM, ancestral DDPM masks then differ between CPU and GPU)
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+            generator = torch.Generator(device=x_t.device).manual_seed(seed)
         return self._monai.step(pred, self._pos[int(t)], x_t, generator=generator)
 
 

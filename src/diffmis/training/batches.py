@@ -72,8 +72,9 @@ class Batches:
     """
 
     def __init__(self, ds: Any, batch: int, seed: int, rank: int, world: int, workers: int,
-                 epoch: int = 0, batch_in_epoch: int = 0) -> None:
+                 epoch: int = 0, batch_in_epoch: int = 0, pin_memory: bool = False) -> None:
         self.ds, self.batch, self.seed, self.rank, self.world, self.workers = ds, batch, seed, rank, world, workers
+        self.pin_memory = pin_memory
         self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
         if len(ds) // world < batch:
             raise DataError(f"the training split has {len(ds)} samples: fewer than batch_size={batch} per rank "
@@ -84,7 +85,7 @@ class Batches:
         batches = epoch_batches(len(self.ds), self.batch, self.seed, self.epoch, self.rank, self.world)
         loader = torch.utils.data.DataLoader(
             _SeededItems(self.ds, self.seed, self.epoch), batch_sampler=batches[self.batch_in_epoch:],
-            num_workers=self.workers, collate_fn=collate, persistent_workers=False)
+            num_workers=self.workers, collate_fn=collate, persistent_workers=False, pin_memory=self.pin_memory)
         self._it = iter(loader)
 
     def __iter__(self) -> "Batches":

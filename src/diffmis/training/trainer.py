@@ -26,7 +26,7 @@ import torch
 from diffmis.config import Config
 from diffmis.data import build_dataset
 from diffmis.errors import DiffmisError
-from diffmis.hardware import Resolved, cpu_info, resolve_for
+from diffmis.hardware import Resolved, cpu_info, prefer_fast_kernels, resolve_for
 from diffmis.methods import Method, Phase, build
 from diffmis.training import distributed as distu
 from diffmis.training.batches import Batches
@@ -145,7 +145,7 @@ class _Stepper:
                 image = image.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.hw.precision):
                 out = phase.loss(image, mask, step, self.generator)
-            ok = torch.tensor([float(torch.isfinite(out.total).item())])
+            ok = torch.isfinite(out.total.detach()).float().reshape(1)  # on the device: nccl reduces CUDA tensors
             if distu.all_reduce_sum(ok).item() < self.info.world_size:
                 raise _NonFinite(", ".join(f"{k}={float(v):.4g}" for k, v in out.terms.items()))
             loss = out.total / len(micro)
@@ -195,6 +195,8 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
 
     # ---- method, optimizers, EMA, precision chosen for this device ----
     hw = resolve_for(tc.precision, tc.channels_last, device, cfg.data.spatial_dims)
+    if device.type == "cuda":
+        prefer_fast_kernels()
     method = build(cfg)
     method.check_geometry(cfg)  # a size the networks cannot take fails here, not at the first forward pass
     method = method.to(device)
@@ -222,7 +224,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
         log(f"resuming with changed settings: {', '.join(changes)}")
         metrics.write({"step": pos.step, "phase": "resume", "changed": changes})
     batches = Batches(train_ds, tc.batch_size, seed, info.rank, info.world_size, cfg.data.num_workers,
-                      epoch=pos.epoch, batch_in_epoch=pos.batch_in_epoch)
+                      epoch=pos.epoch, batch_in_epoch=pos.batch_in_epoch, pin_memory=device.type == "cuda")
     if info.is_main:
         if hw.warning:
             log(f"warning: {hw.warning}")
