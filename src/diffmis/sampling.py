@@ -6,8 +6,9 @@ the caller. The number of network evaluations (NFE) is the cost; each sampler re
 
 Randomness comes only from ``generator``, so a sampler is deterministic given it. The draws are made on the
 generator's own device and moved to the sampling device: with a CPU generator (the predictor's) a seed gives
-the same noise on a CPU and on a GPU, so their masks agree to rounding. The loops do no per-pixel python work and no device-to-host reads: step coefficients
-are python floats computed from the schedule tables before use, timestep vectors are built once.
+the same noise on a CPU and on a GPU, so their masks agree to rounding. The loops do no per-pixel python work
+and no device-to-host reads: step coefficients are python floats computed from the schedule tables before use,
+timestep vectors are built once.
 """
 
 from __future__ import annotations

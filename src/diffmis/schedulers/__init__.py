@@ -4,5 +4,5 @@ from diffmis.schedulers._common import draw_bernoulli, draw_normal
 from diffmis.schedulers.bernoulli import BernoulliScheduler, bernoulli_kl, bernoulli_posterior
 from diffmis.schedulers.gaussian import GaussianScheduler, RespacedDDPM
 
-__all__ = ["GaussianScheduler", "RespacedDDPM", "BernoulliScheduler", "bernoulli_posterior", "bernoulli_kl", "draw_normal",
-           "draw_bernoulli"]
+__all__ = ["GaussianScheduler", "RespacedDDPM", "BernoulliScheduler", "bernoulli_posterior", "bernoulli_kl",
+           "draw_normal", "draw_bernoulli"]
