@@ -19,7 +19,8 @@ what it measured); a stage that would start after ``--budget-s`` is recorded as 
    diffmis fp32, bf16 (what ``precision: auto`` resolves here) and bf16 channels-last. Median of ``--repeats``
    steps after ``--warmup``, variants alternating step by step.
 5. ``compile``: ``torch.compile`` of the MedSegDiff denoiser in the bf16 training step (a subprocess bounded by
-   the time left): compile seconds, step time, and the steps after which the compile pays for itself.
+   the time left; ``--compile-modes``), timed beside the peer: compile seconds, step time, the speed-up over the
+   peer and the steps after which the compile pays for itself.
 
 On a CPU (``--device cpu --tiny``: 64x64 synthetic data, a few steps, 2 repeats) the same code runs in the test
 suite; the CUDA-only parts (tests, graphs, peak GPU memory, compile) are recorded as not applicable.
@@ -272,7 +273,8 @@ def stage_recipes(args: argparse.Namespace, dev: Any, budget: Budget, doc: dict[
 # ---- the peer comparison ------------------------------------------------------------------------------
 
 
-def peer_steps(size: int, batch: int, dev: Any, variants: list[str]) -> dict[str, Callable[[], None]]:
+def peer_steps(size: int, batch: int, dev: Any, variants: list[str], mode: Optional[str] = None
+               ) -> dict[str, Callable[[], None]]:
     import torch
 
     from diffmis.utils import autocast
@@ -299,7 +301,7 @@ def peer_steps(size: int, batch: int, dev: Any, variants: list[str]) -> dict[str
                 method = method.to(memory_format=torch.channels_last)
                 img = image.contiguous(memory_format=torch.channels_last)
             if v.endswith("_compiled"):
-                method.denoiser = torch.compile(method.denoiser)
+                method.denoiser = torch.compile(method.denoiser, mode=mode)
             opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
             gen = torch.Generator(device=dev).manual_seed(0)
 
@@ -363,44 +365,65 @@ def stage_peer(args: argparse.Namespace, dev: Any) -> dict[str, Any]:
 
 
 def compile_worker(args: argparse.Namespace) -> None:
-    """One subprocess: the bf16 MedSegDiff training step at ``--peer-sizes[-1]``, eager then compiled."""
+    """One subprocess: the MedSegDiff training step at ``--peer-sizes[-1]``: the peer (fp32), diffmis bf16 eager,
+    then diffmis bf16 with the denoiser compiled (``--compile-modes``). Prints a JSON line after each measurement
+    (the caller keeps the last, so a run stopped mid-compile still reports the eager figures)."""
     import torch
 
     dev = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # as the trainer sets it on CUDA; for the peer too
     size = args.peer_sizes[-1]
-    res: dict[str, Any] = {"size": size, "batch": args.peer_batch}
-    eager = peer_steps(size, args.peer_batch, dev, ["diffmis_bf16"])["diffmis_bf16"]
-    t = time_steps({"e": eager}, dev, args.warmup, args.repeats)["e"]
-    res["eager_step_s"] = round(statistics.median(t), 5)
-    t0 = time.perf_counter()
-    compiled = peer_steps(size, args.peer_batch, dev, ["diffmis_bf16_compiled"])["diffmis_bf16_compiled"]
-    compiled()
-    compiled()
-    sync(dev)
-    res["compile_s"] = round(time.perf_counter() - t0, 1)
-    t = time_steps({"c": compiled}, dev, 3, args.repeats)["c"]
-    res["compiled_step_s"] = round(statistics.median(t), 5)
-    gain = res["eager_step_s"] - res["compiled_step_s"]
-    res["pays_back_after_steps"] = int(res["compile_s"] / gain) if gain > 0 else None
+    res: dict[str, Any] = {"size": size, "batch": args.peer_batch, "cudnn_benchmark": True}
+    base = peer_steps(size, args.peer_batch, dev, ["peer_fp32", "diffmis_bf16"])
+    t = time_steps(base, dev, args.warmup, args.repeats)
+    res["peer_fp32_step_s"] = round(statistics.median(t["peer_fp32"]), 5)
+    res["eager_bf16_step_s"] = round(statistics.median(t["diffmis_bf16"]), 5)
+    res["eager_speedup_vs_peer"] = round(statistics.median(
+        [p / d for p, d in zip(t["peer_fp32"], t["diffmis_bf16"])]), 3)
     print(json.dumps(res), flush=True)
+    for mode in args.compile_modes:
+        t0 = time.perf_counter()
+        compiled = peer_steps(size, args.peer_batch, dev, ["diffmis_bf16_compiled"], mode=mode)
+        fn = compiled["diffmis_bf16_compiled"]
+        for _ in range(3):
+            fn()
+        sync(dev)
+        row: dict[str, Any] = {"compile_s": round(time.perf_counter() - t0, 1)}
+        t = time_steps({"peer_fp32": base["peer_fp32"], "c": fn}, dev, 2, args.repeats)
+        row["step_s"] = round(statistics.median(t["c"]), 5)
+        row["speedup_vs_peer"] = round(statistics.median([p / d for p, d in zip(t["peer_fp32"], t["c"])]), 3)
+        gain = res["eager_bf16_step_s"] - row["step_s"]
+        row["pays_back_after_steps"] = int(row["compile_s"] / gain) if gain > 0 else None
+        res[f"compiled_{mode}"] = row
+        print(json.dumps(res), flush=True)
+        del compiled, fn
 
 
 def stage_compile(args: argparse.Namespace, dev: Any, budget: Budget) -> dict[str, Any]:
     if dev.type != "cuda":
         return {"skipped": "measured on CUDA only (inductor on a CPU is another question)"}
-    left = budget.left() - 15
-    if left < 90:
+    left = budget.left() - 10
+    if left < 60:
         return {"skipped": f"out of time ({budget.left():.0f} s left)"}
     cmd = [sys.executable, __file__, "--compile-worker", "--device", "cuda", "--warmup", str(args.warmup),
            "--repeats", str(args.repeats), "--peer-batch", str(args.peer_batch), "--peer-sizes",
-           *[str(s) for s in args.peer_sizes]]
+           *[str(s) for s in args.peer_sizes], "--compile-modes", *args.compile_modes]
+    timed_out = False
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=left)
-    except subprocess.TimeoutExpired:
-        return {"error": f"compile did not finish within the {left:.0f} s left"}
-    if proc.returncode != 0:
-        return {"error": (proc.stdout + proc.stderr)[-2000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as err:
+        def text(b: Any) -> str:
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+        stdout, stderr, rc, timed_out = text(err.stdout), text(err.stderr), None, True
+    rows = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    out: dict[str, Any] = json.loads(rows[-1]) if rows else {}
+    if timed_out:
+        out["stopped"] = f"the budget's {left:.0f} s ran out before every mode was measured"
+    elif rc != 0:
+        out["error"] = stderr[-2000:]
+    return out
 
 
 # ======================================================================================================
@@ -446,6 +469,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--budget-s", type=float, default=480.0, help="stages that would start later are skipped")
     p.add_argument("--skip", nargs="*", default=[], choices=["tests", "recipes", "peer", "compile"])
+    p.add_argument("--compile-modes", nargs="+", default=["default", "reduce-overhead"],
+                   help="torch.compile modes measured by the compile stage, in this order")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--compile-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

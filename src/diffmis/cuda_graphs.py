@@ -100,7 +100,9 @@ class StepGraphs:
                 g = self._capture(leaves, spec)
             except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager calls
                 self.failed.add(key)
-                self.errors.append(f"{type(err).__name__}: {err}"[:500])
+                cause = err.__context__ or err.__cause__  # a failed capture's first error, under its exit's
+                self.errors.append((f"{type(err).__name__}: {err}" + (f" (after {type(cause).__name__}: {cause})"
+                                                                       if cause is not None else ""))[:800])
                 torch.cuda.synchronize()
                 self.eager_calls += 1
                 return self._forward(*args, **kwargs)

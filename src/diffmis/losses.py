@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from diffmis.masks import probabilities
 
-__all__ = ["soft_dice_loss", "segmentation_loss_terms"]
+__all__ = ["soft_dice_loss", "segmentation_loss_terms", "bce_on_probabilities"]
 
 
 def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -23,6 +23,14 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-5)
     inter = (probs * target).sum(dims)
     denom = probs.sum(dims) + target.sum(dims)
     return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
+
+
+def bce_on_probabilities(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of probabilities (not logits), in float32 outside autocast: CUDA autocast refuses
+    ``F.binary_cross_entropy`` (its log is unsafe in half precision). ``probs`` must be clamped away from 0 and 1
+    by the caller when they can reach them."""
+    with torch.autocast(device_type=probs.device.type, enabled=False):
+        return F.binary_cross_entropy(probs.float(), target.float())
 
 
 def segmentation_loss_terms(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -20,12 +20,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffmis.config import Config
 from diffmis.errors import ConfigError
-from diffmis.losses import soft_dice_loss
+from diffmis.losses import bce_on_probabilities, soft_dice_loss
 from diffmis.masks import hard_one_hot
 from diffmis.methods.base import (LossOutput, Method, build_model, check_train_timesteps, compose, randn_like,
                                   register, repeat_members)
@@ -134,7 +133,7 @@ class GaussianMaskDiffusion(Method):
         if self.x0_seg_weight > 0:  # Diff-UNet: segmentation losses on the predicted x0 read as probabilities
             x0_hat, _ = self.scheduler.pred_to_x0_eps(pred, x_t, t, clip=False)
             prob = self.scheduler.x0_to_prob(x0_hat).clamp(1e-4, 1.0 - 1e-4)
-            raw["x0_seg"] = soft_dice_loss(prob, mask) + F.binary_cross_entropy(prob, mask)
+            raw["x0_seg"] = soft_dice_loss(prob, mask) + bce_on_probabilities(prob, mask)
         return raw, cond, t
 
     def step_network(self) -> nn.Module:

@@ -17,6 +17,7 @@ Contents
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Sequence
@@ -567,30 +568,39 @@ def resample_rfft_map(m: Tensor, base_size: Sequence[int], size: Sequence[int]) 
         raise ValueError(f"base_size and size must both list 2 or 3 sizes, got {base} and {size}")
     if base == size:
         return m
-    dev = m.device
-
-    def to_grid(f: Tensor, f0: Tensor) -> Tensor:  # frequency -> grid_sample coordinate in [-1, 1]
-        span = f0[-1] - f0[0]
-        return 2 * (f - f0[0]) / span - 1 if span > 0 else torch.zeros_like(f)
-
-    # full axes (fftfreq, shifted to ascending order to match the shifted map below), then the half last axis
-    f0 = [torch.fft.fftshift(torch.fft.fftfreq(s0, device=dev)) for s0 in base[:-1]] + \
-        [torch.fft.rfftfreq(base[-1], device=dev)]
-    g = [to_grid(torch.fft.fftfreq(s, device=dev), a) for s, a in zip(size[:-1], f0)] + \
-        [to_grid(torch.fft.rfftfreq(size[-1], device=dev), f0[-1])]  # natural layout of the target
+    grid = _rfft_resample_grid(base, size, str(m.device))
     shift_dims = tuple(range(1, n))
     if n == 2:
-        gy, gx = g
-        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]  # (1, H, W//2+1, 2) as (x, y)
         src = torch.fft.fftshift(m, dim=shift_dims)[None].float()
         out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
         return out[0].to(m.dtype)
-    gz, gy, gx = torch.meshgrid(*g, indexing="ij")
-    grid = torch.stack([gx, gy, gz], dim=-1)[None]  # (1, D, H, W//2+1, 3) as (x, y, z)
     src = torch.fft.fftshift(m, dim=shift_dims)[None].float()
     ref = src[:, :, :1, :1, :1]  # per-map offset: interpolating m - ref keeps a constant map exactly constant
     out = F.grid_sample(src - ref, grid, mode="bilinear", padding_mode="border", align_corners=True) + ref
     return out[0].to(m.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _rfft_resample_grid(base: tuple[int, ...], size: tuple[int, ...], device: str) -> Tensor:
+    """The ``grid_sample`` grid of :func:`resample_rfft_map`, ``(1, *size[:-1], size[-1] // 2 + 1, n)`` float32 on
+    ``device``: computed once per (sizes, device) on the host, so a forward pass never waits for the device
+    (which a CUDA graph capture forbids) nor redoes it."""
+
+    def to_grid(f: Tensor, f0: Tensor) -> Tensor:  # frequency -> grid_sample coordinate in [-1, 1]
+        span = float(f0[-1] - f0[0])
+        return 2 * (f - f0[0]) / span - 1 if span > 0 else torch.zeros_like(f)
+
+    # full axes (fftfreq, shifted to ascending order to match the shifted map), then the half last axis
+    f0 = [torch.fft.fftshift(torch.fft.fftfreq(s0)) for s0 in base[:-1]] + [torch.fft.rfftfreq(base[-1])]
+    g = [to_grid(torch.fft.fftfreq(s), a) for s, a in zip(size[:-1], f0)] + \
+        [to_grid(torch.fft.rfftfreq(size[-1]), f0[-1])]  # natural layout of the target
+    if len(base) == 2:
+        gy, gx = g
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]  # (1, H, W//2+1, 2) as (x, y)
+    else:
+        gz, gy, gx = torch.meshgrid(*g, indexing="ij")
+        grid = torch.stack([gx, gy, gz], dim=-1)[None]  # (1, D, H, W//2+1, 3) as (x, y, z)
+    return grid.to(device=device, dtype=torch.float32)
 
 
 class FFParser(nn.Module):

@@ -164,8 +164,8 @@ class SpectralCrossAttention(nn.Module):
             raise ValueError(f"SpectralCrossAttention for {self.spatial_dims}D maps got shape {tuple(x_q.shape)}")
         bins = rfft_grid_shape(spatial)
         with torch.autocast(device_type=x_q.device.type, enabled=False):
-            tq = self._tokens(self.norm_q(x_q))
-            tkv = self._tokens(self.norm_kv(x_kv))
+            tq = self._tokens(self.norm_q(x_q.float()))  # float32 norms (a GPU refuses bf16 in, fp32 weights)
+            tkv = self._tokens(self.norm_kv(x_kv.float()))
         q, k, v = self._split(self.to_q(tq)), self._split(self.to_k(tkv)), self._split(self.to_v(tkv))
         att = F.scaled_dot_product_attention(q, k, v)  # softmax(Q K^T / sqrt(d)) V over frequency bins
         out = self.to_out(att.transpose(1, 2).reshape(b, tq.shape[1], 2 * c))
