@@ -318,8 +318,52 @@ def volume_predict_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def gpu_table(data: dict[str, Any]) -> str:
+    """``gpu.py``: each recipe trained and predicted on a GPU, the peer comparison, the compile stage, the tests."""
+    m = data.get("machine") or {}
+    st = data["settings"]
+    lines = [f"Command: `{data['command']}` on {m.get('gpu', '?')} (sm_{''.join(map(str, m.get('capability', [])))}, "
+             f"torch {m.get('torch', '?')}, CUDA {m.get('cuda_runtime', '?')}), commit {data.get('commit_sent')}; "
+             f"{st['steps']} training steps at {st['size']}x{st['size']}, validation split predicted with each "
+             f"recipe's default sampler. CUDA-marked tests: {(data.get('tests') or {}).get('summary', 'not run')}."]
+    rec = {k: v for k, v in (data.get("recipes") or {}).items() if "dice" in v}
+    if rec:
+        lines += ["", "| recipe | precision | train images/s | train peak MiB | Dice (val) | predict images/s "
+                      "(batch 8) | NFE | 1 image, ensemble: graphs / eager |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        for k, r in rec.items():
+            lat = r.get("latency_one_image_s") or {}
+            lat_s = " / ".join(f"{lat[x] * 1e3:.1f} ms" for x in ("graphs", "eager") if x in lat)
+            lines.append(f"| {k} | {r['precision']} | {r['train_images_per_s']:.1f} | {r['train_peak_mib']:.0f} | "
+                         f"{r['dice']:.3f} | {r['predict_images_per_s']:.1f} | {r['nfe_per_batch']} | "
+                         f"{r['latency_ensemble']}: {lat_s} |")
+    bad = {k: v.get("error", v.get("skipped")) for k, v in (data.get("recipes") or {}).items() if "dice" not in v}
+    if bad:
+        lines += [""] + [f"- {k}: {str(v).splitlines()[0][:160]}" for k, v in bad.items()]
+    peer = (data.get("peer") or {}).get("sizes")
+    if peer:
+        names = list(next(iter(peer.values())))
+        lines += ["", f"Training step against med-seg-diff-pytorch at equal parameters (batch {data['peer']['batch']}, "
+                      "median step time; speed-up = peer / diffmis, step by step):", "",
+                  "| size | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for size, row in peer.items():
+            lines.append(f"| {size}x{size} | " + " | ".join(
+                f"{row[n]['step_s'] * 1e3:.1f} ms" + (f" ({row[n]['speedup_vs_peer']:.2f}x)"
+                                                      if "speedup_vs_peer" in row[n] else "") for n in names) + " |")
+    comp = data.get("compile") or {}
+    if "eager_bf16_step_s" in comp:
+        modes = [k for k in comp if k.startswith("compiled_")]
+        lines += ["", f"Compile stage ({comp['size']}x{comp['size']}, batch {comp['batch']}, cuDNN benchmark on): "
+                      f"peer fp32 {comp['peer_fp32_step_s'] * 1e3:.1f} ms, diffmis bf16 eager "
+                      f"{comp['eager_bf16_step_s'] * 1e3:.1f} ms ({comp['eager_speedup_vs_peer']:.2f}x)"
+                      + "".join(f"; {k}: {comp[k]['step_s'] * 1e3:.1f} ms after {comp[k]['compile_s']:.0f} s "
+                                f"({comp[k]['speedup_vs_peer']:.2f}x)" for k in modes)
+                      + (f"; {comp['stopped']}" if "stopped" in comp else "") + "."]
+    return "\n".join(lines)
+
+
 #: result-file name prefix -> the function that renders its Markdown table
-TABLES = {"quality": quality_table, "nfe": nfe_table, "speed": speed_table, "precision": precision_table,
+TABLES = {"gpu": gpu_table, "quality": quality_table, "nfe": nfe_table, "speed": speed_table, "precision": precision_table,
           "threads": threads_table, "volumes": volumes_table, "volume_predict": volume_predict_table}
 
 
