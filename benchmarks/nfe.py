@@ -5,7 +5,10 @@ rows of the evaluation split, read from its work folder).
 - pd_ddpm: start steps T' in {100, 200, 300, 500} of T = 1000 with 2-20 DDIM steps below T';
 - hidiff: 10, 5, 2 and 1 Bernoulli-DDIM steps;
 - berdiff: 1, 2, 5, 10 and 20 Bernoulli-DDIM steps over T = 1000;
-- ensembles of 1, 5 and 10 members with mean and STAPLE fusion (hidiff and medsegdiff at their defaults).
+- ensembles of 1, 5 and 10 members with mean and STAPLE fusion (hidiff and medsegdiff at their defaults);
+- medsegdiff_v2 (ensembles of 5, its default): 10 DDIM steps from noise (the paper's start) against starts from
+  its anchor (the condition segmentor's labels) at T' in {100, 200, 500} with 2 steps and T' = 100 with 5, and
+  the condition segmentor alone.
 
     python benchmarks/nfe.py --dataset kvasir [--cases 24]
 
@@ -51,7 +54,7 @@ def measure(run: Path, images, ref_dir, fov_dir, k: int, work: Path, name: str, 
     return row
 
 
-ALL_METHODS = ("medsegdiff", "pd_ddpm", "hidiff", "berdiff", "segmentor")
+ALL_METHODS = ("medsegdiff", "pd_ddpm", "hidiff", "berdiff", "segmentor", "medsegdiff_v2")
 
 
 def main() -> None:
@@ -131,6 +134,16 @@ def main() -> None:
         for st in (1, 2, 5, 10, 20):
             add("berdiff Bernoulli-DDIM", measure(run_of("berdiff"), images, ref_dir, fov_dir, k, work, f"bd_{st}",
                                                   steps=st, sampler="bernoulli_ddim", ensemble=1))
+    if "medsegdiff_v2" in args.methods and run_of("medsegdiff_v2").is_dir():
+        v2 = run_of("medsegdiff_v2")
+        add("medsegdiff_v2 from noise", measure(v2, images, ref_dir, fov_dir, k, work, "v2_noise_10", steps=10,
+                                                sampler="ddim", ensemble=5, start_step=0))
+        for tp, st in ((100, 2), (200, 2), (500, 2), (100, 5)):
+            add(f"medsegdiff_v2 anchor start T'={tp}", measure(v2, images, ref_dir, fov_dir, k, work,
+                                                                f"v2_anchor_{tp}_{st}", steps=st, sampler="ddim",
+                                                                ensemble=5, start_step=tp))
+        add("medsegdiff_v2 condition segmentor alone", measure(v2, images, ref_dir, fov_dir, k, work, "v2_seg",
+                                                               segmentor_only=True))
     if "segmentor" in args.methods and run_of("segmentor").is_dir():
         add("segmentor", measure(run_of("segmentor"), images, ref_dir, fov_dir, k, work, "seg", ensemble=1))
 

@@ -422,3 +422,21 @@ def test_medsegdiff_image_skips_reach_the_decoder():
             a = net(x_t, t, {"image": torch.randn(1, 1, 32, 32)})
             b = net(x_t, t, {"image": torch.randn(1, 1, 32, 32)})
         assert bool((a - b).abs().max() > 1e-4) == skips
+
+
+def test_medsegdiff_v2_can_start_from_its_anchor(tmp_path):
+    """sample.start_step on a V2 run: the chain starts from the condition segmentor's hard labels noised to T'
+    (one extra network pass, counted); a start at T' = 1 (x_0 itself, no noise) with the denoiser replaced by
+    the identity on x_0 returns the anchor's labels exactly."""
+    cfg = config_from_dict(tiny_config("medsegdiff_v2", tmp_path))
+    m = build(cfg).eval()
+    assert m.own_prior and m.default_start_step is None  # the paper's start from noise stays the default
+    image = torch.rand(2, 1, 32, 32)
+    out = m.sample(image, steps=2, start_step=20, members=3, generator=torch.Generator().manual_seed(0))
+    assert out.probs.shape == (6, 1, 32, 32) and out.nfe == 3  # the anchor pass + 2 steps
+    anchor = hard_labels(m.start_prior(image))
+    m.denoiser.forward = lambda x_t, t, cond: x_t  # x0-prediction = x_t: at T' = 1 that is the start, x_0
+    out = m.sample(image, steps=1, start_step=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(hard_labels(out.probs), anchor)
+    cfg2 = config_from_dict({**tiny_config("medsegdiff_v2", tmp_path), "sample": {"start_step": 20, "steps": 2}})
+    assert build(cfg2).default_start_step == 20

@@ -9,6 +9,10 @@ file adds is the paper's loss (METHODS 3.2, 3.3):
 The anchor term supervises the condition segmentor on the samples whose timestep is a multiple of ``alpha``;
 ``model.params.anchor_alpha`` / ``anchor_beta`` set them. ``train.prior_run`` starts the condition segmentor
 from a trained segmentor run (the anchor loss keeps training it).
+
+Sampling may also start from the anchor (``sample.start_step`` T' < T, a PD-DDPM start, METHODS 4.2): the
+condition segmentor's hard labels noised to T' - 1, then the reverse steps below T'. The paper starts from
+noise (the default, ``start_step`` unset); the anchor start is a recipe lever of this framework.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import Tensor, nn
 from diffmis.config import Config
 from diffmis.errors import ConfigError
 from diffmis.losses import segmentation_loss_terms
+from diffmis.masks import probabilities
 from diffmis.methods.base import LossOutput, compose, register, segmentor_from_config
 from diffmis.methods.medsegdiff import GaussianMaskDiffusion
 
@@ -54,14 +59,20 @@ class MedSegDiffV2(GaussianMaskDiffusion):
     """
 
     method_params = ("anchor_alpha", "anchor_beta")
+    own_prior = True  # the condition segmentor's prediction can start the chain (sample.start_step)
 
     def __init__(self, denoiser: nn.Module, *args: Any, anchor_alpha: int = 5, anchor_beta: float = 10.0,
-                 **kwargs: Any) -> None:
+                 default_start_step: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(denoiser, *args, **kwargs)
         if int(anchor_alpha) < 1:
             raise ConfigError(f"model.params.anchor_alpha must be >= 1, got {anchor_alpha}")
         self.anchor_alpha = int(anchor_alpha)
         self.anchor_beta = float(anchor_beta)
+        self.default_start_step = default_start_step
+
+    @classmethod
+    def from_config(cls, cfg: Config, **kwargs: Any) -> "MedSegDiffV2":
+        return super().from_config(cfg, default_start_step=cfg.sample.start_step, **kwargs)  # type: ignore
 
     @classmethod
     def denoiser_kwargs(cls, cfg: Config) -> dict[str, Any]:
@@ -71,6 +82,11 @@ class MedSegDiffV2(GaussianMaskDiffusion):
 
     def segmentor_module(self) -> nn.Module:
         return self.denoiser.segmentor
+
+    @torch.no_grad()
+    def start_prior(self, image: Tensor) -> Tensor:
+        """The anchor: the condition segmentor's probabilities (B, K, H, W) of ``image``."""
+        return probabilities(self.denoiser.segmentor(image).logits.float())
 
     def loss(self, image: Tensor, mask: Tensor, step: int = 0,
              generator: Optional[torch.Generator] = None) -> LossOutput:
