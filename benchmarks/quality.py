@@ -260,6 +260,50 @@ def train_and_score(method: str, dataset: str, key: str, minutes: float, share: 
     return row, seg_row
 
 
+#: ``sample.*`` keys that --rescore-from turns into predictor settings
+RESCORE_KEYS = ("steps", "start_step", "sampler", "ensemble", "fuse")
+
+
+def sample_settings(sets: list[str]) -> dict[str, Any]:
+    """``--set sample.KEY=VALUE`` overrides as predictor keyword arguments; anything else is refused (a rescore
+    does not train, so a training key would be silently ignored)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        name = key.removeprefix("sample.")
+        if not sep or not key.startswith("sample.") or name not in RESCORE_KEYS:
+            raise SystemExit(f"--rescore-from predicts again without training: only --set sample.{{"
+                             f"{','.join(RESCORE_KEYS)}}}=VALUE applies, got {item!r}")
+        out[name] = yaml.safe_load(value)
+    if not out:
+        raise SystemExit("--rescore-from needs at least one --set sample.KEY=VALUE (else it repeats the source row)")
+    return out
+
+
+def rescore(doc: dict[str, Any], method: str, source: str, variant: str, sets: list[str],
+            score_run: Callable[..., dict[str, Any]], kw: dict[str, Any]
+            ) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """The row of ``method@variant``: the runs of ``method@source`` predicted with the ``sets`` sampling settings.
+    The training record (runs, minutes, steps, images seen) is the source row's; the segmentor row, unchanged
+    weights and a single pass, is copied. Refused when the source row or its method run folder is missing."""
+    settings = sample_settings(sets)
+    src = doc["rows"].get(f"{method}@{source}")
+    if src is None:
+        raise SystemExit(f"--rescore-from {source}: no row '{method}@{source}' in this split's results")
+    run_dir = next((r["run_dir"] for r in src["runs"] if r["phase"] == "method"), None)
+    if run_dir is None or not (Path(run_dir) / "checkpoints").is_dir():
+        raise SystemExit(f"--rescore-from {source}: the run folder {run_dir} of '{method}@{source}' is gone")
+    keep = ("method", "budget_minutes", "runs", "steps", "images_seen", "seg_share", "params")
+    row = {**{k: src[k] for k in keep if k in src}, "variant": variant, "sets": sets,
+           "rescored_from": f"{method}@{source}"}
+    row.update(score_run(run_dir, f"{method}@{variant}", **{**kw, **settings}))
+    seg_src = doc["rows"].get(f"{method}_segmentor@{source}")
+    seg_row = None if seg_src is None else {**seg_src, "variant": variant, "rescored_from": f"{method}@{source}"}
+    return row, seg_row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -275,6 +319,9 @@ def main() -> None:
     ap.add_argument("--segphase-from", default=None, metavar="VARIANT",
                     help="with --seg-share: start from the segmentor phase that VARIANT's row of the same method "
                          "trained (a paired ablation; its minutes still count) instead of training one")
+    ap.add_argument("--rescore-from", default=None, metavar="VARIANT",
+                    help="no training: predict the runs of this earlier variant again with the --set sample.* "
+                         "settings (a sampling lever on the very same weights; its minutes are the source's)")
     ap.add_argument("--ensemble", type=int, default=None, help="ensemble members (default: the configs')")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: diffmis's)")
     ap.add_argument("--work", default="/tmp/diffmis_quality")
@@ -282,6 +329,8 @@ def main() -> None:
     if not 0.0 <= args.seg_share < 1.0:
         raise SystemExit("--seg-share must be in [0, 1)")
     check_segphase_from(args.segphase_from, args.seg_share, args.methods)
+    if args.rescore_from and args.segphase_from:
+        raise SystemExit("--rescore-from trains nothing: --segphase-from does not apply")
     threads = set_threads(args.threads).threads
     minutes = args.minutes or BUDGET[args.dataset]
     tag = args.dataset + ("_tune" if args.split == "tune" else "")
@@ -306,10 +355,13 @@ def main() -> None:
             # the segmentor alone (more = {"segmentor_only": True}) is one pass: no --ensemble for it
             return predict_score(run_dir, name, images, work, ref_dir, fov_dir, k, **(more or kw))
 
-        seg = (reused_segphase(doc, f"{m}@{args.segphase_from}", minutes * share)
-               if args.segphase_from and share > 0 else None)
-        row, seg_row = train_and_score(m, args.dataset, key, minutes, share, work, data_sets, list(args.sets),
-                                       score_run, {"variant": variant}, seg)
+        if args.rescore_from:
+            row, seg_row = rescore(doc, m, args.rescore_from, variant, list(args.sets), score_run, kw)
+        else:
+            seg = (reused_segphase(doc, f"{m}@{args.segphase_from}", minutes * share)
+                   if args.segphase_from and share > 0 else None)
+            row, seg_row = train_and_score(m, args.dataset, key, minutes, share, work, data_sets, list(args.sets),
+                                           score_run, {"variant": variant}, seg)
         doc["rows"][key] = row
         print(f"{key}: Dice {row['dice_mean']:.4f} +- {row['dice_std']:.4f}, ECE {row['ece']}, AUROC "
               f"{row['error_auroc']}, steps {row['steps']}, NFE {row['nfe_per_image']}", flush=True)

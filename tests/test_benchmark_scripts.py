@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import render  # noqa: E402
-from quality import check_segphase_from, recipe_levers, reused_segphase  # noqa: E402
+from quality import check_segphase_from, recipe_levers, rescore, reused_segphase, sample_settings  # noqa: E402
 
 
 def _row(method: str, variant: str, dice: float, seg_dir: Path, *, dims: int = 3, reused: str = "",
@@ -109,3 +109,33 @@ def test_gpu_check_rehearses_on_the_cpu(tmp_path):
         assert row["nfe_per_batch"] >= 1 and row["latency_one_image_s"]["eager"] > 0
     assert doc["targets"]["every_recipe_trains_and_predicts"]["met"]
     assert not doc["targets"]["cuda_tests_pass"]["met"]  # no GPU here: never reported as met
+
+
+def test_rescore_predicts_a_recorded_run_again_with_sampling_settings_only(tmp_path):
+    assert sample_settings(["sample.start_step=100", "sample.steps=2"]) == {"start_step": 100, "steps": 2}
+    for bad in (["train.lr=1e-3"], ["sample.threshold=0.4"], ["sample.steps"], []):
+        with pytest.raises(SystemExit):
+            sample_settings(bad)
+    run = tmp_path / "runs" / "medsegdiff_v2@default"
+    row = _row("medsegdiff_v2", "default", 0.75, tmp_path / "seg")
+    row["runs"][1]["run_dir"] = str(run)
+    doc = {"rows": {"medsegdiff_v2@default": row,
+                    "medsegdiff_v2_segmentor@default": {"method": "medsegdiff_v2_segmentor", "dice_mean": 0.78}}}
+    seen = {}
+
+    def score_run(run_dir, name, **kw):
+        seen.update(run_dir=run_dir, name=name, **kw)
+        return {"dice_mean": 0.77}
+
+    with pytest.raises(SystemExit, match="is gone"):
+        rescore(doc, "medsegdiff_v2", "default", "anchor100", ["sample.start_step=100"], score_run, {})
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no row 'medsegdiff_v2@other'"):
+        rescore(doc, "medsegdiff_v2", "other", "anchor100", ["sample.start_step=100"], score_run, {})
+    new, seg = rescore(doc, "medsegdiff_v2", "default", "anchor100", ["sample.start_step=100", "sample.steps=2"],
+                       score_run, {"ensemble": 5})
+    assert seen == {"run_dir": str(run), "name": "medsegdiff_v2@anchor100", "ensemble": 5, "start_step": 100,
+                    "steps": 2}
+    assert new["dice_mean"] == 0.77 and new["runs"] == row["runs"] and new["rescored_from"] == "medsegdiff_v2@default"
+    assert new["variant"] == "anchor100" and new["sets"] == ["sample.start_step=100", "sample.steps=2"]
+    assert seg["dice_mean"] == 0.78 and seg["variant"] == "anchor100"
