@@ -287,7 +287,8 @@ def rescore(doc: dict[str, Any], method: str, source: str, variant: str, sets: l
             ) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
     """The row of ``method@variant``: the runs of ``method@source`` predicted with the ``sets`` sampling settings.
     The training record (runs, minutes, steps, images seen) is the source row's; the segmentor row, unchanged
-    weights and a single pass, is copied. Refused when the source row or its method run folder is missing."""
+    weights and a single pass, is copied. ``variant == source`` replaces the row and keeps the old one's figures
+    under ``replaced_row``. Refused when the source row or its method run folder is missing."""
     settings = sample_settings(sets)
     src = doc["rows"].get(f"{method}@{source}")
     if src is None:
@@ -299,6 +300,8 @@ def rescore(doc: dict[str, Any], method: str, source: str, variant: str, sets: l
     row = {**{k: src[k] for k in keep if k in src}, "variant": variant, "sets": sets,
            "rescored_from": f"{method}@{source}"}
     row.update(score_run(run_dir, f"{method}@{variant}", **{**kw, **settings}))
+    if variant == source:  # in place (a recipe's new sampling on its own row): keep what the row said before
+        row["replaced_row"] = {k: v for k, v in src.items() if k not in ("runs", "replaced_row")}
     seg_src = doc["rows"].get(f"{method}_segmentor@{source}")
     seg_row = None if seg_src is None else {**seg_src, "variant": variant, "rescored_from": f"{method}@{source}"}
     return row, seg_row

@@ -139,3 +139,5 @@ def test_rescore_predicts_a_recorded_run_again_with_sampling_settings_only(tmp_p
     assert new["dice_mean"] == 0.77 and new["runs"] == row["runs"] and new["rescored_from"] == "medsegdiff_v2@default"
     assert new["variant"] == "anchor100" and new["sets"] == ["sample.start_step=100", "sample.steps=2"]
     assert seg["dice_mean"] == 0.78 and seg["variant"] == "anchor100"
+    again, _ = rescore(doc, "medsegdiff_v2", "default", "default", ["sample.start_step=100"], score_run, {})
+    assert again["replaced_row"]["dice_mean"] == 0.75 and "runs" not in again["replaced_row"]
