@@ -29,12 +29,10 @@ __all__ = ["StepGraphs"]
 
 
 def _autocast_state() -> tuple[bool, torch.dtype]:
-    enabled = torch.is_autocast_enabled("cuda")
     try:
-        dtype = torch.get_autocast_dtype("cuda")
-    except AttributeError:  # torch < 2.4
-        dtype = torch.get_autocast_gpu_dtype()
-    return enabled, dtype
+        return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    except (AttributeError, TypeError):  # torch < 2.4: the CUDA-only spellings
+        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
 
 
 class _Graph:
