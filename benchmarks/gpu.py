@@ -172,11 +172,12 @@ def _val_cases(args: argparse.Namespace, cfg: Any) -> list[tuple[Any, Any]]:
 
 
 def _dice(pred: Any, ref: Any) -> float:
-    import numpy as np
+    """Foreground Dice of two (H, W) label maps (the project's conventions: both empty 1, one empty 0)."""
+    import torch
 
-    a, b = pred > 0, ref > 0
-    s = a.sum() + b.sum()
-    return float(2.0 * np.logical_and(a, b).sum() / s) if s else 1.0
+    from diffmis.metrics import dice_batch
+
+    return float(dice_batch(torch.from_numpy(pred > 0)[None, None], torch.from_numpy(ref > 0)[None, None])[0, 0])
 
 
 def _latency(pred: Any, image: Any, dev: Any, n: int) -> float:

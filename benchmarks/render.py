@@ -363,8 +363,9 @@ def gpu_table(data: dict[str, Any]) -> str:
 
 
 #: result-file name prefix -> the function that renders its Markdown table
-TABLES = {"gpu": gpu_table, "quality": quality_table, "nfe": nfe_table, "speed": speed_table, "precision": precision_table,
-          "threads": threads_table, "volumes": volumes_table, "volume_predict": volume_predict_table}
+TABLES = {"gpu": gpu_table, "quality": quality_table, "nfe": nfe_table, "speed": speed_table,
+          "precision": precision_table, "threads": threads_table, "volumes": volumes_table,
+          "volume_predict": volume_predict_table}
 
 
 def table_for(name: str) -> Optional[Callable[[dict], str]]:

@@ -376,14 +376,14 @@ def resolve_for(requested: str, channels_last: Union[bool, str], device: Any, sp
     return out
 
 
-def prefer_fast_kernels() -> None:
-    """On a CUDA device: let cuDNN time its convolution algorithms once per shape and keep the fastest
-    (``cudnn.benchmark``; training and sampling repeat the same shapes thousands of times). Not when
-    deterministic algorithms were asked for (``torch.use_deterministic_algorithms``): the choice could differ
-    between runs."""
+def prefer_fast_kernels(device: Any) -> None:
+    """For work on ``device`` (a ``torch.device`` or its name): on a CUDA device, let cuDNN time its convolution
+    algorithms once per shape and keep the fastest (``cudnn.benchmark``; training and sampling repeat the same
+    shapes thousands of times). Nothing elsewhere, nor when deterministic algorithms were asked for
+    (``torch.use_deterministic_algorithms``): the choice could differ between runs."""
     import torch
 
-    if not torch.are_deterministic_algorithms_enabled():
+    if torch.device(device).type == "cuda" and not torch.are_deterministic_algorithms_enabled():
         torch.backends.cudnn.benchmark = True
 
 

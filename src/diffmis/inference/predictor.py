@@ -131,12 +131,9 @@ class Predictor:
         self.precision = self.resolved.precision
         if self.resolved.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
-        self.graphs: Optional[StepGraphs] = None
-        net = method.step_network()
-        if self.device.type == "cuda":
-            prefer_fast_kernels()
-            if net is not None and (cuda_graphs is None or cuda_graphs):
-                self.graphs = StepGraphs(net)
+        prefer_fast_kernels(self.device)
+        net = method.step_network() if self.device.type == "cuda" and cuda_graphs is not False else None
+        self.graphs: Optional[StepGraphs] = StepGraphs(net) if net is not None else None
 
         # sampler settings, checked against the method (its samplers, T, whether it takes a start step)
         method.check_sampling(steps=steps, sampler=sampler, start_step=start_step)

@@ -195,8 +195,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
 
     # ---- method, optimizers, EMA, precision chosen for this device ----
     hw = resolve_for(tc.precision, tc.channels_last, device, cfg.data.spatial_dims)
-    if device.type == "cuda":
-        prefer_fast_kernels()
+    prefer_fast_kernels(device)
     method = build(cfg)
     method.check_geometry(cfg)  # a size the networks cannot take fails here, not at the first forward pass
     method = method.to(device)
