@@ -19,7 +19,7 @@ import torch
 from _tiny import RECIPES, tiny_config
 from diffmis.config import config_from_dict
 from diffmis.losses import segmentation_loss_terms
-from diffmis.masks import hard_labels, one_hot, probabilities
+from diffmis.masks import hard_labels, hard_one_hot, one_hot, probabilities
 from diffmis.methods import METHODS, Method, build
 from diffmis.methods.medsegdiff_v2 import anchor_loss
 from diffmis.metrics import dice_batch
@@ -426,17 +426,41 @@ def test_medsegdiff_image_skips_reach_the_decoder():
 
 def test_medsegdiff_v2_can_start_from_its_anchor(tmp_path):
     """sample.start_step on a V2 run: the chain starts from the condition segmentor's hard labels noised to T'
-    (one extra network pass, counted); a start at T' = 1 (x_0 itself, no noise) with the denoiser replaced by
-    the identity on x_0 returns the anchor's labels exactly."""
+    (read from the condition: the segmentor runs once per image, no extra network pass); a start at T' = 1 (x_0
+    itself, no noise) with the denoiser replaced by the identity on x_0 returns the anchor's labels exactly."""
     cfg = config_from_dict(tiny_config("medsegdiff_v2", tmp_path))
     m = build(cfg).eval()
     assert m.own_prior and m.default_start_step is None  # the paper's start from noise stays the default
     image = torch.rand(2, 1, 32, 32)
+    seg_batches: list[int] = []
+    hook = m.denoiser.segmentor.register_forward_hook(lambda mod, args, out: seg_batches.append(args[0].shape[0]))
     out = m.sample(image, steps=2, start_step=20, members=3, generator=torch.Generator().manual_seed(0))
-    assert out.probs.shape == (6, 1, 32, 32) and out.nfe == 3  # the anchor pass + 2 steps
+    hook.remove()
+    assert out.probs.shape == (6, 1, 32, 32) and out.nfe == 2  # 2 steps; the anchor comes with the condition
+    assert seg_batches == [2]  # one segmentor pass over the 2 images, shared by the start and the 3 members
     anchor = hard_labels(m.start_prior(image))
     m.denoiser.forward = lambda x_t, t, cond: x_t  # x0-prediction = x_t: at T' = 1 that is the start, x_0
     out = m.sample(image, steps=1, start_step=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(hard_labels(out.probs), anchor)
     cfg2 = config_from_dict({**tiny_config("medsegdiff_v2", tmp_path), "sample": {"start_step": 20, "steps": 2}})
     assert build(cfg2).default_start_step == 20
+
+
+@pytest.mark.parametrize("train_timesteps", ["all", "sampler"])
+def test_medsegdiff_v2_recycles_its_anchor_when_it_starts_from_it(tmp_path, train_timesteps):
+    """With an anchor start (T' = 20, 2 steps), diffusion.recycle noises the anchor's hard labels at t < T' (the
+    sampler's indices 19 and 0 with train_timesteps: sampler); from noise, the model's own x0 at uniform t."""
+    base = tiny_config("medsegdiff_v2", tmp_path)
+    cfg = config_from_dict({**base, "sample": {"start_step": 20, "steps": 2},
+                            "diffusion": {**base.get("diffusion", {}), "recycle": 0.5,
+                                          "train_timesteps": train_timesteps}})
+    m = build(cfg).eval()
+    assert m.recycles_prior()
+    image = torch.rand(64, 1, 32, 32)
+    rec, t = m.recycle_source(image, torch.Generator().manual_seed(0))
+    assert torch.equal(rec, hard_one_hot(m.start_prior(image)))
+    allowed = {19, 0} if train_timesteps == "sampler" else set(range(20))
+    assert set(t.tolist()) <= allowed and len(set(t.tolist())) > 1
+    noise_start = build(config_from_dict({**base, "diffusion": {**base.get("diffusion", {}), "recycle": 0.5}}))
+    assert not noise_start.recycles_prior()
+    assert noise_start.recycle_source(image[:4], torch.Generator().manual_seed(0))[1] is None

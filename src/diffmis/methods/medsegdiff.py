@@ -26,7 +26,7 @@ from diffmis.config import Config
 from diffmis.errors import ConfigError
 from diffmis.losses import bce_on_probabilities, soft_dice_loss
 from diffmis.masks import hard_one_hot
-from diffmis.methods.base import (LossOutput, Method, build_model, check_train_timesteps, compose, randn_like,
+from diffmis.methods.base import (LossOutput, Method, build_model, check_train_timesteps, compose, rand_t, randn_like,
                                   register, repeat_members)
 from diffmis.sampling import SampleOutput, gaussian_sample
 from diffmis.schedulers import GaussianScheduler
@@ -142,11 +142,27 @@ class GaussianMaskDiffusion(Method):
     def sampling_chain(self, steps: int, start_step: Optional[int] = None) -> list[int]:
         return self.scheduler.sampling_timesteps(steps, start_step)  # over [0, T') from a PD-DDPM start
 
+    def recycles_prior(self) -> bool:
+        """Whether recycled samples are noised from the method's own prior (what its sampling starts from, see
+        :meth:`start_prior`) rather than from its own prediction from pure noise."""
+        return self.own_prior and self.default_start_step is not None
+
     @torch.no_grad()
     def recycle_source(self, image: Tensor, generator: Optional[torch.Generator]
                        ) -> tuple[Tensor, Optional[Tensor]]:
-        """``(mask, t)`` of the recycled samples: the model's own prediction of x0 from pure noise at t = T - 1
-        (hard labels, one-hot), with timesteps left uniform (None)."""
+        """``(mask, t)`` of the recycled samples (hard labels, one-hot).
+
+        Where sampling starts from the method's prior (:meth:`recycles_prior`): the prior's labels at timesteps
+        uniform in ``[0, T')`` (with ``train_timesteps: sampler``, the very indices the sampler visits), the starts
+        sampling sees. Otherwise the model's own prediction of x0 from pure noise at t = T - 1, with timesteps left
+        uniform (None).
+        """
+        if self.recycles_prior():
+            start = self.default_start_step or self.scheduler.timesteps
+            n = image.shape[0]
+            t = (self.training_timesteps(n, generator, image.device) if self.train_timesteps == "sampler"
+                 else rand_t(n, start, generator, image.device))
+            return hard_one_hot(self.start_prior(image)), t
         shape = (image.shape[0], self.num_classes, *image.shape[2:])
         x_t = randn_like(torch.empty(shape, device=image.device), generator)
         t = torch.full((image.shape[0],), self.scheduler.timesteps - 1, dtype=torch.long, device=image.device)
@@ -169,6 +185,12 @@ class GaussianMaskDiffusion(Method):
         """The prior mask a PD-DDPM start uses when none is given (None: this method has no prior network)."""
         return None
 
+    def start_prior_from(self, image: Tensor, cond: dict[str, Any]) -> tuple[Optional[Tensor], int]:
+        """``(prior, network calls it cost)`` for a sampling start, given the condition already computed for
+        ``image``; a method whose condition holds its prior (MedSegDiff-V2's anchor) reads it from there."""
+        prior = self.start_prior(image)
+        return prior, int(prior is not None)
+
     @torch.no_grad()
     def sample(self, image: Tensor, *, steps: Optional[int] = None, sampler: Optional[str] = None,
                eta: float = 0.0, start_step: Optional[int] = None, init: Optional[Tensor] = None,
@@ -183,15 +205,16 @@ class GaussianMaskDiffusion(Method):
         if start == 0:  # explicit request for the full chain from pure noise
             start, init = None, None
         extra_nfe = 0
+        cond = self.denoiser.condition(image)  # once per image, repeated per member below
         if start is not None and init is None:
-            prior = self.start_prior(image)
+            prior, extra_nfe = self.start_prior_from(image, cond)
             if prior is None:
                 raise ConfigError(f"start step {start} needs a prior mask (init): this {self.name} run has no "
                                   "pre-segmentation network")
-            init, extra_nfe = hard_one_hot(prior), 1
+            init = hard_one_hot(prior)
         if init is not None and init.shape[0] == image.shape[0]:
             init = repeat_members(init, members)
-        cond = repeat_members(self.denoiser.condition(image), members)  # once per image, repeated per member
+        cond = repeat_members(cond, members)
         shape = (image.shape[0] * members, self.num_classes, *image.shape[2:])
 
         def model_fn(x_t: Tensor, t: Tensor) -> Tensor:

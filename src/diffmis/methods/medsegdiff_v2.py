@@ -11,8 +11,10 @@ The anchor term supervises the condition segmentor on the samples whose timestep
 from a trained segmentor run (the anchor loss keeps training it).
 
 Sampling may also start from the anchor (``sample.start_step`` T' < T, a PD-DDPM start, METHODS 4.2): the
-condition segmentor's hard labels noised to T' - 1, then the reverse steps below T'. The paper starts from
-noise (the default, ``start_step`` unset); the anchor start is a recipe lever of this framework.
+condition segmentor's hard labels (read from the condition: the segmentor runs once per image) noised to T' - 1,
+then the reverse steps below T'. The paper starts from noise (``start_step`` unset); the anchor start is a recipe
+lever of this framework, and with it ``diffusion.recycle`` noises the anchor itself for that fraction of each
+batch (at t < T', or at the sampler's own timesteps with ``train_timesteps: sampler``), as PD-DDPM does.
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ class MedSegDiffV2(GaussianMaskDiffusion):
     def start_prior(self, image: Tensor) -> Tensor:
         """The anchor: the condition segmentor's probabilities (B, K, H, W) of ``image``."""
         return probabilities(self.denoiser.segmentor(image).logits.float())
+
+    def start_prior_from(self, image: Tensor, cond: dict[str, Any]) -> tuple[Optional[Tensor], int]:
+        """The anchor of the condition already computed: no second pass of the condition segmentor."""
+        return probabilities(cond["anchor_logits"].float()), 0
 
     def loss(self, image: Tensor, mask: Tensor, step: int = 0,
              generator: Optional[torch.Generator] = None) -> LossOutput:

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from diffmis.config import Config
 from diffmis.losses import segmentation_loss_terms
-from diffmis.masks import hard_one_hot, probabilities
-from diffmis.methods.base import LossOutput, compose, rand_t, register, segmentor_from_config
+from diffmis.masks import probabilities
+from diffmis.methods.base import LossOutput, compose, register, segmentor_from_config
 from diffmis.methods.medsegdiff import GaussianMaskDiffusion
 
 __all__ = ["PDDPM"]
@@ -73,11 +73,6 @@ class PDDPM(GaussianMaskDiffusion):
         """The pre-segmentation probabilities (B, K, H, W) of ``image``."""
         return probabilities(self.prior(image).logits.float())
 
-    @torch.no_grad()
-    def recycle_source(self, image: Tensor, generator: Optional[torch.Generator]) -> tuple[Tensor, Optional[Tensor]]:
-        """What sampling starts from: the pre-segmentation's hard labels, at timesteps uniform in [0, T')."""
-        start = self.default_start_step or self.scheduler.timesteps
-        n = image.shape[0]
-        t = (self.training_timesteps(n, generator, image.device) if self.train_timesteps == "sampler"
-             else rand_t(n, start, generator, image.device))
-        return hard_one_hot(self.start_prior(image)), t
+    def recycles_prior(self) -> bool:
+        """Recycled samples always start from the pre-segmentation (at t uniform in [0, T) without a T')."""
+        return True
