@@ -183,7 +183,8 @@ class DiffusionConfig(_Section):
     # (Diff-UNet's recipe; needs prediction x0); 0 = the papers' MSE alone
     x0_seg_weight: float = Field(0.0, ge=0)
     # Gaussian methods: fraction of each batch whose x_t is noised from a prediction instead of the truth
-    # (ImgX-DiffSeg's recycling: the model's own x0 from pure noise; PD-DDPM: its pre-segmentation, t < T')
+    # (ImgX-DiffSeg's recycling: the model's own x0 from pure noise; PD-DDPM: its pre-segmentation, t < T';
+    # MedSegDiff-V2 with sample.start_step: its anchor, t < T')
     recycle: float = Field(0.0, ge=0, le=1)
     # HiDiff: std of spatially smooth noise added to the segmentor's logits in the refiner step, so the refiner
     # learns from priors that make mistakes (0 = the co-trained segmentor's own prior, as released)
