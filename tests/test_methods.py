@@ -457,10 +457,11 @@ def test_medsegdiff_v2_recycles_its_anchor_when_it_starts_from_it(tmp_path, trai
     m = build(cfg).eval()
     assert m.recycles_prior()
     image = torch.rand(64, 1, 32, 32)
-    rec, t = m.recycle_source(image, torch.Generator().manual_seed(0))
+    rec, t = m.recycle_source(image, m.denoiser.condition(image), torch.Generator().manual_seed(0))
     assert torch.equal(rec, hard_one_hot(m.start_prior(image)))
     allowed = {19, 0} if train_timesteps == "sampler" else set(range(20))
     assert set(t.tolist()) <= allowed and len(set(t.tolist())) > 1
     noise_start = build(config_from_dict({**base, "diffusion": {**base.get("diffusion", {}), "recycle": 0.5}}))
     assert not noise_start.recycles_prior()
-    assert noise_start.recycle_source(image[:4], torch.Generator().manual_seed(0))[1] is None
+    assert noise_start.recycle_source(image[:4], noise_start.denoiser.condition(image[:4]),
+                                      torch.Generator().manual_seed(0))[1] is None

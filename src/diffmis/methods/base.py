@@ -142,6 +142,17 @@ def repeat_members(obj: Any, n: int) -> Any:
     return obj
 
 
+def select_batch(obj: Any, index: Tensor) -> Any:
+    """``obj`` (a tensor, or lists / tuples / dicts of them) restricted to the batch entries ``index`` selects."""
+    if isinstance(obj, Tensor):
+        return obj[index]
+    if isinstance(obj, dict):
+        return {k: select_batch(v, index) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(select_batch(v, index) for v in obj)
+    return obj
+
+
 def trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 

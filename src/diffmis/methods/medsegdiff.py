@@ -27,7 +27,7 @@ from diffmis.errors import ConfigError
 from diffmis.losses import bce_on_probabilities, soft_dice_loss
 from diffmis.masks import hard_one_hot
 from diffmis.methods.base import (LossOutput, Method, build_model, check_train_timesteps, compose, rand_t, randn_like,
-                                  register, repeat_members)
+                                  register, repeat_members, select_batch)
 from diffmis.sampling import SampleOutput, gaussian_sample
 from diffmis.schedulers import GaussianScheduler
 
@@ -56,6 +56,8 @@ class GaussianMaskDiffusion(Method):
         num_classes: K.
         loss_weights: ``train.loss_weights`` (term ``diffusion``).
         default_steps, default_sampler: the sampler used when :meth:`sample` is called without them.
+        default_start_step: T' used when :meth:`sample` gets no start step (methods with their own prior:
+            ``sample.start_step``); None starts from pure noise.
     """
 
     samplers = ("ddim", "ddpm")
@@ -65,7 +67,7 @@ class GaussianMaskDiffusion(Method):
     def __init__(self, denoiser: nn.Module, scheduler: GaussianScheduler, num_classes: int,
                  loss_weights: Optional[dict[str, float]] = None, *, default_steps: int = 10,
                  default_sampler: str = "ddim", x0_seg_weight: float = 0.0, recycle: float = 0.0,
-                 train_timesteps: str = "all") -> None:
+                 train_timesteps: str = "all", default_start_step: Optional[int] = None) -> None:
         super().__init__()
         if (x0_seg_weight or recycle) and scheduler.prediction != "x0":
             raise ConfigError("diffusion.x0_seg_weight and diffusion.recycle need diffusion.prediction: x0 "
@@ -80,6 +82,7 @@ class GaussianMaskDiffusion(Method):
         self.x0_seg_weight = x0_seg_weight
         self.recycle = recycle
         self.train_timesteps = check_train_timesteps(train_timesteps)
+        self.default_start_step = default_start_step
 
     @classmethod
     def denoiser_kwargs(cls, cfg: Config) -> dict[str, Any]:
@@ -95,8 +98,8 @@ class GaussianMaskDiffusion(Method):
         sampler = cfg.sample.sampler if cfg.sample.sampler in cls.samplers else cls.samplers[0]
         return cls(denoiser, gaussian_scheduler(cfg), cfg.data.num_classes, dict(cfg.train.loss_weights),
                    default_steps=cfg.sample.steps, default_sampler=sampler, x0_seg_weight=cfg.diffusion.x0_seg_weight,
-                   recycle=cfg.diffusion.recycle, train_timesteps=cfg.diffusion.train_timesteps, **method_params,
-                   **kwargs)
+                   recycle=cfg.diffusion.recycle, train_timesteps=cfg.diffusion.train_timesteps,
+                   default_start_step=cfg.sample.start_step if cls.own_prior else None, **method_params, **kwargs)
 
     def ema_module(self) -> nn.Module:
         return self.denoiser
@@ -114,11 +117,12 @@ class GaussianMaskDiffusion(Method):
         b = image.shape[0]
         t = self.training_timesteps(b, generator, image.device)
         src = x0
+        cond = self.denoiser.condition(image)  # once for the batch, shared with the recycled samples' source
         if self.recycle > 0:  # ImgX-DiffSeg's recycling / PD-DDPM's starts: noise a prediction, not the truth
             sel = torch.rand(b, generator=generator, device=generator.device if generator else "cpu") < self.recycle
             sel = sel.to(image.device)
             if bool(sel.any()):
-                rec, t_rec = self.recycle_source(image[sel], generator)
+                rec, t_rec = self.recycle_source(image[sel], select_batch(cond, sel), generator)
                 src = x0.clone()
                 src[sel] = self.scheduler.mask_to_x0(rec)
                 if t_rec is not None:
@@ -126,7 +130,6 @@ class GaussianMaskDiffusion(Method):
                     t[sel] = t_rec
         noise = randn_like(x0, generator)
         x_t = self.scheduler.add_noise(src, noise, t)
-        cond = self.denoiser.condition(image)
         pred = self.denoiser(x_t, t, cond).float()
         target = self.scheduler.training_target(x0, noise, t)
         raw = {"diffusion": torch.mean((pred - target) ** 2)}
@@ -148,9 +151,9 @@ class GaussianMaskDiffusion(Method):
         return self.own_prior and self.default_start_step is not None
 
     @torch.no_grad()
-    def recycle_source(self, image: Tensor, generator: Optional[torch.Generator]
+    def recycle_source(self, image: Tensor, cond: dict[str, Any], generator: Optional[torch.Generator]
                        ) -> tuple[Tensor, Optional[Tensor]]:
-        """``(mask, t)`` of the recycled samples (hard labels, one-hot).
+        """``(mask, t)`` of the recycled samples (hard labels, one-hot); ``cond`` is their condition.
 
         Where sampling starts from the method's prior (:meth:`recycles_prior`): the prior's labels at timesteps
         uniform in ``[0, T')`` (with ``train_timesteps: sampler``, the very indices the sampler visits), the starts
@@ -162,11 +165,11 @@ class GaussianMaskDiffusion(Method):
             n = image.shape[0]
             t = (self.training_timesteps(n, generator, image.device) if self.train_timesteps == "sampler"
                  else rand_t(n, start, generator, image.device))
-            return hard_one_hot(self.start_prior(image)), t
+            return hard_one_hot(self.start_prior_from(image, cond)[0]), t
         shape = (image.shape[0], self.num_classes, *image.shape[2:])
         x_t = randn_like(torch.empty(shape, device=image.device), generator)
         t = torch.full((image.shape[0],), self.scheduler.timesteps - 1, dtype=torch.long, device=image.device)
-        pred = self.denoiser(x_t, t, self.denoiser.condition(image)).float()
+        pred = self.denoiser(x_t, t, cond).float()
         x0_hat, _ = self.scheduler.pred_to_x0_eps(pred, x_t, t)
         return hard_one_hot(self.scheduler.x0_to_prob(x0_hat)), None
 

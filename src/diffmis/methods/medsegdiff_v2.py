@@ -64,17 +64,12 @@ class MedSegDiffV2(GaussianMaskDiffusion):
     own_prior = True  # the condition segmentor's prediction can start the chain (sample.start_step)
 
     def __init__(self, denoiser: nn.Module, *args: Any, anchor_alpha: int = 5, anchor_beta: float = 10.0,
-                 default_start_step: Optional[int] = None, **kwargs: Any) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(denoiser, *args, **kwargs)
         if int(anchor_alpha) < 1:
             raise ConfigError(f"model.params.anchor_alpha must be >= 1, got {anchor_alpha}")
         self.anchor_alpha = int(anchor_alpha)
         self.anchor_beta = float(anchor_beta)
-        self.default_start_step = default_start_step
-
-    @classmethod
-    def from_config(cls, cfg: Config, **kwargs: Any) -> "MedSegDiffV2":
-        return super().from_config(cfg, default_start_step=cfg.sample.start_step, **kwargs)  # type: ignore
 
     @classmethod
     def denoiser_kwargs(cls, cfg: Config) -> dict[str, Any]:

@@ -36,26 +36,23 @@ class PDDPM(GaussianMaskDiffusion):
     Args:
         prior: the pre-segmentation segmentor.
         prior_trainable: train it alongside (Dice + CE, term ``prior``); False freezes it.
-        default_start_step: T' used when :meth:`sample` gets no start step.
     """
 
     own_prior = True
 
     def __init__(self, denoiser: nn.Module, *args: Any, prior: nn.Module, prior_trainable: bool = True,
-                 default_start_step: Optional[int] = None, **kwargs: Any) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(denoiser, *args, **kwargs)
         self.prior = prior
         self.prior_trainable = prior_trainable
         if not prior_trainable:
             for p in prior.parameters():
                 p.requires_grad_(False)
-        self.default_start_step = default_start_step
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> "PDDPM":
         prior = segmentor_from_config(cfg, "the pre-segmentation network")
-        return super().from_config(cfg, prior=prior, prior_trainable=cfg.train.prior_run is None,
-                                   default_start_step=cfg.sample.start_step, **kwargs)
+        return super().from_config(cfg, prior=prior, prior_trainable=cfg.train.prior_run is None, **kwargs)
 
     def segmentor_module(self) -> nn.Module:
         return self.prior
