@@ -45,7 +45,7 @@ from common import RESULTS, CpuMonitor, environment, write_result  # noqa: E402
 
 from diffmis.config import load_config  # noqa: E402
 from diffmis.evaluation import evaluate_folders  # noqa: E402
-from diffmis.hardware import set_threads  # noqa: E402
+from diffmis.hardware import cpu_info, set_threads  # noqa: E402
 from diffmis.inference import Predictor, predict_paths  # noqa: E402
 from diffmis.methods import LEVERS  # noqa: E402
 from diffmis.training import train  # noqa: E402
@@ -365,10 +365,14 @@ def main() -> None:
                    if args.segphase_from and share > 0 else None)
             row, seg_row = train_and_score(m, args.dataset, key, minutes, share, work, data_sets, list(args.sets),
                                            score_run, {"variant": variant}, seg)
+        cpu = cpu_info().record()  # per row: a file gathers rows measured on different machines over time
+        row["cpu"] = seg_row_cpu = {"model": cpu["model"], "isa": cpu["isa"], "native_bf16": cpu["native_bf16"],
+                                    "threads": threads}
         doc["rows"][key] = row
         print(f"{key}: Dice {row['dice_mean']:.4f} +- {row['dice_std']:.4f}, ECE {row['ece']}, AUROC "
               f"{row['error_auroc']}, steps {row['steps']}, NFE {row['nfe_per_image']}", flush=True)
         if seg_row is not None:
+            seg_row["cpu"] = seg_row_cpu
             doc["rows"][f"{m}_segmentor@{variant}"] = seg_row
             print(f"{m}_segmentor@{variant}: Dice {seg_row['dice_mean']:.4f}", flush=True)
         doc.update({"benchmark": "quality", "dataset": args.dataset, "split": args.split, "eval_split": eval_split,
