@@ -72,6 +72,11 @@ class GaussianMaskDiffusion(Method):
         if (x0_seg_weight or recycle) and scheduler.prediction != "x0":
             raise ConfigError("diffusion.x0_seg_weight and diffusion.recycle need diffusion.prediction: x0 "
                               f"(got {scheduler.prediction!r})")
+        if getattr(denoiser, "outputs_x0_probabilities", False):  # e.g. models/segmentor_denoiser.py
+            if scheduler.prediction != "x0":
+                raise ConfigError(f"model '{type(denoiser).__name__}' predicts the clean mask: it needs "
+                                  f"diffusion.prediction: x0 (got {scheduler.prediction!r})")
+            denoiser.mask_range = scheduler.mask_range
         self.denoiser = denoiser
         self.scheduler = scheduler
         self.num_classes = num_classes

@@ -11,16 +11,22 @@ with Dice + CE (term ``prior``), or comes frozen from a segmentor run (``train.p
 sampling sees (with ``diffusion.train_timesteps: sampler`` the very indices it visits), so the denoiser learns
 to correct the segmentor's mistakes. T' is ``sample.start_step`` (``diffmis.sampling.propose_start_step``
 gives the SNR rule of METHODS 4.3); ``--start-step 0`` runs the same network from pure noise.
+
+The denoiser can be the pre-segmentation network itself, widened to read ``[I, x_t]``
+(``model.name: segmentor_denoiser``, models/segmentor_denoiser.py); with ``train.denoiser_from_prior`` it starts
+from the segmentor run's weights, so before its first step the method returns its pre-segmentation and every
+step after refines a network that can already segment.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from diffmis.config import Config
+from diffmis.errors import ConfigError
 from diffmis.losses import segmentation_loss_terms
 from diffmis.masks import probabilities
 from diffmis.methods.base import LossOutput, compose, register, segmentor_from_config
@@ -56,6 +62,21 @@ class PDDPM(GaussianMaskDiffusion):
 
     def segmentor_module(self) -> nn.Module:
         return self.prior
+
+    def setup_training(self, cfg: Config, log: Callable[[str], None] = print) -> None:
+        """Load ``train.prior_run`` into the pre-segmentation network; with ``train.denoiser_from_prior`` start the
+        denoiser (``model.name: segmentor_denoiser``, the same backbone) from those weights too."""
+        super().setup_training(cfg, log)
+        if not cfg.train.denoiser_from_prior:
+            return
+        if not cfg.train.prior_run:
+            raise ConfigError("train.denoiser_from_prior needs train.prior_run (a trained segmentor run to start "
+                              "the denoiser from); give --set train.prior_run=RUN or drop denoiser_from_prior")
+        if not hasattr(self.denoiser, "start_from"):
+            raise ConfigError(f"train.denoiser_from_prior needs model.name: segmentor_denoiser (with "
+                              f"model.segmentor's backbone and parameters); got model '{cfg.model.name}'")
+        self.denoiser.start_from(self.prior, f"the pre-segmentation network of {cfg.train.prior_run}")
+        log(f"denoiser initialised from the pre-segmentation network ({cfg.train.prior_run})")
 
     def loss(self, image: Tensor, mask: Tensor, step: int = 0,
              generator: Optional[torch.Generator] = None) -> LossOutput:

@@ -1,0 +1,118 @@
+"""A segmentor as a diffusion denoiser: ``x0_hat = probabilities(S([I, x_t]))`` in the scheduler's mask range.
+
+Any registered segmentor (``backbone``: "unet", "attention_unet", "segresnet") with K extra input channels for the
+noisy mask reads ``[I, x_t]`` and predicts the clean mask through its own output activation (sigmoid for K = 1,
+softmax for K > 1), mapped to the diffused range (``2 p - 1`` for ``pm1``). It has no timestep input: it suits
+chains that start from a noised prior at a small T' (PD-DDPM, ``sample.start_step``), where the noise level in
+``x_t`` stays low and the network reads it from ``x_t`` itself; from pure noise (MedSegDiff's chain) the
+time-conditioned denoisers are the better choice.
+
+Because its architecture is the pre-segmentation network's plus K input channels, it can start from that network's
+trained weights (:meth:`SegmentorDenoiser.start_from`, ``train.denoiser_from_prior``): the mask channels of the
+first convolution start at zero, so the untrained denoiser returns the pre-segmentation's probabilities whatever
+``x_t`` is, and training spends its minutes on what the pre-segmentation gets wrong rather than on learning to
+segment from scratch.
+
+Contents
+    1. Model
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from diffmis.errors import CheckpointError
+from diffmis.masks import probabilities
+from diffmis.registry import MODELS, SEGMENTORS
+
+__all__ = ["SegmentorDenoiser"]
+
+
+# ======================================================================================================
+# 1. Model
+# ======================================================================================================
+
+
+@MODELS.register("segmentor_denoiser")
+class SegmentorDenoiser(nn.Module):
+    """``f(x_t, t, cond) = to_range(probabilities(S([I, x_t])))``: an x0 predictor without a timestep input.
+
+    Args:
+        in_channels: image channels C (the segmentor reads C + K channels).
+        num_classes: K mask channels.
+        backbone: registered segmentor name.
+        spatial_dims: 2 or 3.
+        **backbone_params: the segmentor's own parameters (e.g. ``features`` of "unet").
+
+    Attributes:
+        outputs_x0_probabilities: marks a denoiser whose output is already a clean-mask estimate in the mask
+            range; the Gaussian methods then require ``diffusion.prediction: x0`` and set :attr:`mask_range`.
+        mask_range: ``"pm1"`` (outputs ``2 p - 1``) or ``"01"`` (outputs ``p``).
+    """
+
+    outputs_x0_probabilities: ClassVar[bool] = True
+
+    def __init__(self, in_channels: int, num_classes: int, *, backbone: str = "unet", spatial_dims: int = 2,
+                 **backbone_params: Any) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.backbone = backbone
+        self.backbone_params = dict(backbone_params)
+        dims = {} if spatial_dims == 2 else {"spatial_dims": spatial_dims}
+        self.net = SEGMENTORS.build(backbone, in_channels=in_channels + num_classes, num_classes=num_classes,
+                                    **self.backbone_params, **dims)
+        self.size_multiple = self.net.size_multiple
+        self.spatial_dims = spatial_dims
+        self.mask_range = "pm1"
+
+    def condition(self, image: Tensor) -> dict[str, Tensor]:
+        """``{"image": image}``: the image is concatenated to ``x_t`` at every call."""
+        return {"image": image}
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """The clean-mask estimate ``(B, K, *spatial)`` in the mask range; ``t`` is not used (see the module)."""
+        logits = self.net(torch.cat([cond["image"], x_t.to(cond["image"].dtype)], dim=1)).logits
+        p = probabilities(logits.float())
+        return 2.0 * p - 1.0 if self.mask_range == "pm1" else p
+
+    @torch.no_grad()
+    def start_from(self, segmentor: nn.Module, source: str = "the pre-segmentation network") -> None:
+        """Copy a trained segmentor of the same backbone and parameters (reading C channels) into this network.
+
+        Every tensor is copied as it is, except the first convolution's weight, which reads C + K channels here:
+        its C image channels are copied and its K mask channels set to zero, so the output equals the
+        segmentor's until training teaches the network to read ``x_t``.
+
+        Raises:
+            CheckpointError: a tensor missing on either side, or a shape that differs otherwise (named).
+        """
+        own = self.net.state_dict()
+        theirs = segmentor.state_dict()
+        widened = 0
+        for key, val in own.items():
+            if key not in theirs:
+                raise CheckpointError(f"{source} does not fit the denoiser: tensor '{key}' is missing from it; "
+                                      f"give the denoiser the same backbone ('{self.backbone}') and parameters "
+                                      f"as model.segmentor")
+            src = theirs[key]
+            if src.shape == val.shape:
+                val.copy_(src)
+            elif (src.dim() == val.dim() >= 3 and src.shape[0] == val.shape[0] and src.shape[2:] == val.shape[2:]
+                  and val.shape[1] == src.shape[1] + self.num_classes and src.shape[1] == self.in_channels):
+                val.zero_()
+                val[:, : src.shape[1]].copy_(src)
+                widened += 1
+            else:
+                raise CheckpointError(f"{source} does not fit the denoiser: tensor '{key}' has shape "
+                                      f"{tuple(src.shape)} there but {tuple(val.shape)} here; give the denoiser "
+                                      f"the same backbone ('{self.backbone}') and parameters as model.segmentor")
+        extra = [k for k in theirs if k not in own]
+        if extra or widened != 1:
+            what = f"unexpected tensor '{extra[0]}'" if extra else f"{widened} input convolutions to widen (not 1)"
+            raise CheckpointError(f"{source} does not fit the denoiser: {what}; give the denoiser the same "
+                                  f"backbone ('{self.backbone}') and parameters as model.segmentor")
+        self.net.load_state_dict(own)
