@@ -380,6 +380,12 @@ def main() -> None:
                     "protocol": "equal total training minutes per method (segmentor phase counted), last weights, "
                                 "default sampler; ECE top-label 10 bins pooled; AUROC of the entropy for the error"})
         doc.setdefault("commands", {})[key] = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+        before = (doc.get("environment") or {}).get("machine") or {}
+        for other in doc["rows"].values():  # rows from before the per-row record: the machine the file recorded
+            if "cpu" not in other and before.get("cpu"):
+                c = before["cpu"]
+                other["cpu"] = {"model": c.get("model"), "isa": c.get("isa"), "native_bf16": c.get("native_bf16"),
+                                "threads": before.get("torch_threads"), "from": "the file's environment"}
         doc["environment"] = environment()
         doc["load"] = monitor.summary()
         write_result(out_json, doc)

@@ -60,7 +60,7 @@ def quality_table(data: dict[str, Any], variant: str = "default") -> str:
     env = data.get("environment") or {}
     cmds = sorted({c for k, c in (data.get("commands") or {}).items() if k.endswith(f"@{variant}")})
     lines = [f"{data['n_cases']} {data['eval_split']} cases, {any_row['budget_minutes']:g} min of training per method "
-             f"(everything counted), {_machine(env)}; mean +- std over cases. Commands: "
+             f"(everything counted), {_machines(list(rows.values()), env)}; mean +- std over cases. Commands: "
              + "; ".join(f"`{c}`" for c in cmds), "",
              "| method | params | minutes (steps) per phase | sampler | Dice | IoU | HD95 (px) | ECE | "
              "uncertainty AUROC | batched calls / image | s / image |",
@@ -100,7 +100,7 @@ def _overrides(r: dict[str, Any]) -> list[str]:
 def variants_table(data: dict[str, Any]) -> str:
     """The tuning rows of one dataset (``quality.py --split tune --variant``): each lever against its default."""
     lines = [f"Tuning split: {data['n_cases']} held-out training cases ({data['eval_split']}), "
-             f"{_machine(data.get('environment') or {})}.", "",
+             f"{_machines(list(data['rows'].values()), data.get('environment') or {})}.", "",
              "| method | variant | overrides | minutes (steps) per phase | Dice | ECE | uncertainty AUROC | "
              "difference to default |", "|---|---|---|---|---:|---:|---:|---:|"]
     rows = sorted(data["rows"].values(), key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else 99,
@@ -205,6 +205,26 @@ def _machine(env: dict[str, Any]) -> str:
     cpu = m.get("cpu") or {}
     return (f"{cpu.get('model', env.get('cpu', '?'))} ({cpu.get('isa', '?')}), {m.get('torch_threads', '?')} torch "
             f"thread(s), torch {env.get('torch', '?')}")
+
+
+def _row_cpu(r: dict[str, Any], env: dict[str, Any]) -> str:
+    """The CPU a quality row ran on: its own record (``cpu``, since 2026-11-30), else the file's environment."""
+    cpu = r.get("cpu") or ((env.get("machine") or {}).get("cpu") or {})
+    return f"{cpu.get('model', '?')} ({cpu.get('isa', '?')})"
+
+
+def _machines(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
+    """:func:`_machine` for a set of rows; rows measured on CPUs of different kinds say which ran where."""
+    kinds: dict[str, list[str]] = {}
+    for r in rows:
+        label = LABEL.get(r["method"], r["method"])
+        kinds.setdefault(_row_cpu(r, env), []).append(label if r["variant"] == "default" else r["variant"])
+    m = env.get("machine") or {}
+    tail = f"{m.get('torch_threads', '?')} torch thread(s), torch {env.get('torch', '?')}"
+    if len(kinds) <= 1:
+        return f"{next(iter(kinds), '?')}, {tail}"
+    return ("rows from CPUs of different kinds (compare rows of one kind; a budget buys different steps on each): "
+            + "; ".join(f"{cpu}: {', '.join(dict.fromkeys(labels))}" for cpu, labels in kinds.items()) + f"; {tail}")
 
 
 def speed_table(data: dict[str, Any]) -> str:
