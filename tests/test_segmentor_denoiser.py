@@ -131,3 +131,25 @@ def test_a_run_started_from_its_pre_segmentation_predicts_it_then_learns(tmp_pat
     dice = dice_batch(one_hot(hard_labels(probs), 1), mask).mean().item()
     prior_dice = dice_batch(one_hot(hard_labels(prior), 1), mask).mean().item()
     assert dice > 0.9 and dice > prior_dice, (dice, prior_dice)
+
+
+def test_auto_starts_from_a_prior_run_where_there_is_one(tmp_path):
+    seg_cfg = tiny_config("segmentor", tmp_path / "seg", steps=1)
+    seg_cfg["model"] = copy.deepcopy(SEG)
+    seg_run = train(config_from_dict(seg_cfg)).run_dir
+    image, _ = _scene(2)
+    for prior_run, equal in ((str(seg_run), True), (None, False)):
+        cfg = config_from_dict(_pd_config(tmp_path / "pd", prior_run=prior_run, denoiser_from_prior="auto"))
+        method = build(cfg)
+        logs: list[str] = []
+        method.setup_training(cfg, log=logs.append)
+        method.eval()
+        with torch.no_grad():
+            out = method.sample(image, generator=torch.Generator().manual_seed(0)).probs
+            prior = method.start_prior(image)
+        assert torch.allclose(out, prior, atol=1e-5) is equal
+        assert equal or any("from scratch" in line for line in logs)
+    plain = config_from_dict(tiny_config("pd_ddpm", tmp_path / "c", prior_run=str(seg_run),
+                                         denoiser_from_prior="auto"))
+    build(plain).setup_training(plain, log=lambda s: None)  # a time-conditioned denoiser: auto leaves it alone
+    build(config_from_dict(tiny_config("hidiff", tmp_path / "d", denoiser_from_prior="auto")))  # not refused

@@ -226,8 +226,9 @@ class TrainConfig(_Section):
     # PD-DDPM: path of an existing segmentor run used as the pre-segmentation net (else one is trained)
     prior_run: Optional[str] = None
     # PD-DDPM with model.name: segmentor_denoiser: its denoiser starts from train.prior_run's weights (the mask
-    # channels of the first convolution at zero) instead of from scratch
-    denoiser_from_prior: bool = False
+    # channels of the first convolution at zero) instead of from scratch; auto: where a train.prior_run is given
+    # and the denoiser is a segmentor
+    denoiser_from_prior: Union[bool, Literal["auto"]] = False
     prior_steps: int = Field(0, ge=0)
     progress: bool = True
 

@@ -64,10 +64,17 @@ class PDDPM(GaussianMaskDiffusion):
         return self.prior
 
     def setup_training(self, cfg: Config, log: Callable[[str], None] = print) -> None:
-        """Load ``train.prior_run`` into the pre-segmentation network; with ``train.denoiser_from_prior`` start the
-        denoiser (``model.name: segmentor_denoiser``, the same backbone) from those weights too."""
+        """Load ``train.prior_run`` into the pre-segmentation network; with ``train.denoiser_from_prior`` (``auto``:
+        when a prior run is given) start the denoiser (``model.name: segmentor_denoiser``, the same backbone) from
+        those weights too."""
         super().setup_training(cfg, log)
-        if not cfg.train.denoiser_from_prior:
+        want = cfg.train.denoiser_from_prior
+        if want == "auto":  # a segmentor denoiser with a prior run to start from
+            want = bool(cfg.train.prior_run) and hasattr(self.denoiser, "start_from")
+            if not want and hasattr(self.denoiser, "start_from"):
+                log("denoiser trained from scratch (train.denoiser_from_prior: auto starts it from a "
+                    "train.prior_run; none given)")
+        if not want:
             return
         if not cfg.train.prior_run:
             raise ConfigError("train.denoiser_from_prior needs train.prior_run (a trained segmentor run to start "
