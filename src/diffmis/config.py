@@ -223,13 +223,12 @@ class TrainConfig(_Section):
     # after pretrain_steps, the segmentor step runs every N-th iteration (the refiner's every iteration); 0: never
     # (the segmentor stays as train.prior_run or the pretraining left it); auto: 0 with a train.prior_run, else 1
     segmentor_every: Union[Literal["auto"], NonNegativeInt] = 1
-    # PD-DDPM: path of an existing segmentor run used as the pre-segmentation net (else one is trained)
+    # a segmentor run that HiDiff, PD-DDPM and MedSegDiff-V2 start their segmentor from (else it trains in the run)
     prior_run: Optional[str] = None
     # PD-DDPM with model.name: segmentor_denoiser: its denoiser starts from train.prior_run's weights (the mask
     # channels of the first convolution at zero) instead of from scratch; auto: where a train.prior_run is given
     # and the denoiser is a segmentor
     denoiser_from_prior: Union[bool, Literal["auto"]] = False
-    prior_steps: int = Field(0, ge=0)
     progress: bool = True
 
 
