@@ -64,8 +64,10 @@ def test_started_from_a_segmentor_it_returns_the_segmentors_probabilities_whatev
 
 def test_a_segmentor_of_other_widths_is_refused_with_the_tensor_named():
     den = SegmentorDenoiser(1, 1, features=FEATURES)
+    before = {k: v.clone() for k, v in den.state_dict().items()}
     with pytest.raises(CheckpointError, match=r"tensor 'net\.conv_0.*same backbone \('unet'\)"):
         den.start_from(UNetSegmentor(1, 1, features=[16, 16, 32, 64, 128, 16]))
+    assert all(torch.equal(v, before[k]) for k, v in den.state_dict().items())  # a misfit changes nothing
     with pytest.raises(CheckpointError, match="widen"):  # a segmentor of C + K channels: nothing to widen
         den.start_from(UNetSegmentor(2, 1, features=FEATURES))
 

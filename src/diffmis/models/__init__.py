@@ -13,4 +13,5 @@ from diffmis.models.medsegdiff_v2 import MedSegDiffV2
 from diffmis.models.segmentor_denoiser import SegmentorDenoiser
 from diffmis.models.segmentors import Segmentor, SegmentorOutput
 
-__all__ = ["ConditionalUNet", "MedSegDiff", "MedSegDiffV2", "BBDMDenoiser", "SegmentorDenoiser", "Segmentor", "SegmentorOutput"]
+__all__ = ["ConditionalUNet", "MedSegDiff", "MedSegDiffV2", "BBDMDenoiser", "SegmentorDenoiser", "Segmentor",
+           "SegmentorOutput"]

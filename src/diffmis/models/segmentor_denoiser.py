@@ -92,27 +92,23 @@ class SegmentorDenoiser(nn.Module):
         """
         own = self.net.state_dict()
         theirs = segmentor.state_dict()
-        widened = 0
+        fix = f"give the denoiser the same backbone ('{self.backbone}') and parameters as model.segmentor"
+        start: dict[str, Tensor] = {}  # built in full before anything is loaded: a misfit changes nothing
         for key, val in own.items():
             if key not in theirs:
-                raise CheckpointError(f"{source} does not fit the denoiser: tensor '{key}' is missing from it; "
-                                      f"give the denoiser the same backbone ('{self.backbone}') and parameters "
-                                      f"as model.segmentor")
+                raise CheckpointError(f"{source} does not fit the denoiser: tensor '{key}' is missing from it; {fix}")
             src = theirs[key]
             if src.shape == val.shape:
-                val.copy_(src)
+                start[key] = src.clone()
             elif (src.dim() == val.dim() >= 3 and src.shape[0] == val.shape[0] and src.shape[2:] == val.shape[2:]
                   and val.shape[1] == src.shape[1] + self.num_classes and src.shape[1] == self.in_channels):
-                val.zero_()
-                val[:, : src.shape[1]].copy_(src)
-                widened += 1
+                start[key] = torch.cat([src, src.new_zeros(src.shape[0], self.num_classes, *src.shape[2:])], 1)
             else:
                 raise CheckpointError(f"{source} does not fit the denoiser: tensor '{key}' has shape "
-                                      f"{tuple(src.shape)} there but {tuple(val.shape)} here; give the denoiser "
-                                      f"the same backbone ('{self.backbone}') and parameters as model.segmentor")
+                                      f"{tuple(src.shape)} there but {tuple(val.shape)} here; {fix}")
         extra = [k for k in theirs if k not in own]
+        widened = sum(own[k].shape != theirs[k].shape for k in own)
         if extra or widened != 1:
             what = f"unexpected tensor '{extra[0]}'" if extra else f"{widened} input convolutions to widen (not 1)"
-            raise CheckpointError(f"{source} does not fit the denoiser: {what}; give the denoiser the same "
-                                  f"backbone ('{self.backbone}') and parameters as model.segmentor")
-        self.net.load_state_dict(own)
+            raise CheckpointError(f"{source} does not fit the denoiser: {what}; {fix}")
+        self.net.load_state_dict(start)
