@@ -133,9 +133,8 @@ def targets_table(docs: dict[str, dict[str, Any]]) -> str:
                 cells.append("n/a")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
-    def kind(x: dict[str, Any]) -> tuple[Any, Any]:
-        c = x.get("cpu") or {}
-        return c.get("model"), c.get("isa")
+    def kind(x: dict[str, Any]) -> str:
+        return _row_cpu(x, {})
 
     def diff(a: str, b: str, need: float) -> Any:
         def cell(r: dict[str, Any]) -> str:
@@ -156,6 +155,7 @@ def targets_table(docs: dict[str, dict[str, Any]]) -> str:
         lambda r: (f"{best_diffusion(r)['method']} {best_diffusion(r)['dice_mean'] - r['segmentor']['dice_mean']:+.3f}"))
     row("4. MedSegDiff - UNet (>= -0.030)", diff("medsegdiff", "segmentor", -0.03))
     row("4. MedSegDiff-V2 - UNet (>= -0.030)", diff("medsegdiff_v2", "segmentor", -0.03))
+
     def best_ece(r: dict[str, Any]) -> dict[str, Any]:
         return min((r[m] for m in DIFFUSION if m in r and kind(r[m]) == kind(r["segmentor"])),
                    key=lambda x: x["ece"])
