@@ -125,6 +125,13 @@ def split_files(root: Path, split: str, work: Path, cfg_data: Any) -> tuple[list
 # ======================================================================================================
 
 
+def cpu_record(cpu: dict[str, Any], threads: Optional[int], source: Optional[str] = None) -> dict[str, Any]:
+    """A row's ``cpu``: model, ISA and native bf16 of a ``diffmis.hardware`` CPU record, the torch threads, and
+    where the record came from when not from the run itself."""
+    out = {"model": cpu.get("model"), "isa": cpu.get("isa"), "native_bf16": cpu.get("native_bf16"), "threads": threads}
+    return out if source is None else {**out, "from": source}
+
+
 def train_run(cfg_name: str, name: str, minutes: float, work: Path, sets: list[str]) -> dict[str, Any]:
     cfg = load_config(cfg_name, [f"experiment.output_dir={work / 'runs'}", f"experiment.name={name}",
                                  f"train.max_minutes={minutes}", "train.max_steps=100000000", "train.val_every=0",
@@ -365,9 +372,8 @@ def main() -> None:
                    if args.segphase_from and share > 0 else None)
             row, seg_row = train_and_score(m, args.dataset, key, minutes, share, work, data_sets, list(args.sets),
                                            score_run, {"variant": variant}, seg)
-        cpu = cpu_info().record()  # per row: a file gathers rows measured on different machines over time
-        row["cpu"] = seg_row_cpu = {"model": cpu["model"], "isa": cpu["isa"], "native_bf16": cpu["native_bf16"],
-                                    "threads": threads}
+        # per row: a file gathers rows measured on different machines over time
+        row["cpu"] = seg_row_cpu = cpu_record(cpu_info().record(), threads)
         doc["rows"][key] = row
         print(f"{key}: Dice {row['dice_mean']:.4f} +- {row['dice_std']:.4f}, ECE {row['ece']}, AUROC "
               f"{row['error_auroc']}, steps {row['steps']}, NFE {row['nfe_per_image']}", flush=True)
@@ -383,9 +389,7 @@ def main() -> None:
         before = (doc.get("environment") or {}).get("machine") or {}
         for other in doc["rows"].values():  # rows from before the per-row record: the machine the file recorded
             if "cpu" not in other and before.get("cpu"):
-                c = before["cpu"]
-                other["cpu"] = {"model": c.get("model"), "isa": c.get("isa"), "native_bf16": c.get("native_bf16"),
-                                "threads": before.get("torch_threads"), "from": "the file's environment"}
+                other["cpu"] = cpu_record(before["cpu"], before.get("torch_threads"), "the file's environment")
         doc["environment"] = environment()
         doc["load"] = monitor.summary()
         write_result(out_json, doc)

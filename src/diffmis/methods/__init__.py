@@ -48,7 +48,7 @@ def build(cfg: Config) -> Method:
         raise ConfigError(f"{', '.join(unused)} has no effect on recipe '{cfg.experiment.recipe}' (it reads "
                           f"{', '.join(f'diffusion.{k}' for k in cls.levers) or 'none of the recipe levers'}); "
                           "remove the setting")
-    if cfg.train.denoiser_from_prior is True and cls is not PDDPM:
+    if cfg.train.denoiser_from_prior is True and not cls.denoiser_from_prior:
         raise ConfigError(f"train.denoiser_from_prior has no effect on recipe '{cfg.experiment.recipe}' (PD-DDPM "
                           "alone starts its denoiser from its pre-segmentation run); remove the setting")
     return cls.from_config(cfg)

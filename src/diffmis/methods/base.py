@@ -128,29 +128,26 @@ def randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
 
+def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` applied to every tensor in ``obj`` (a tensor, or lists / tuples / dicts of them); the rest as is."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
 def repeat_members(obj: Any, n: int) -> Any:
     """Repeat every tensor in ``obj`` (a tensor, or lists / tuples / dicts of them) ``n`` times along the batch,
     image-major (``repeat_interleave``), the order :func:`diffmis.ensemble.ensemble_predict` expects."""
-    if n == 1:
-        return obj
-    if isinstance(obj, Tensor):
-        return obj.repeat_interleave(n, dim=0)
-    if isinstance(obj, dict):
-        return {k: repeat_members(v, n) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(repeat_members(v, n) for v in obj)
-    return obj
+    return obj if n == 1 else _map_tensors(obj, lambda t: t.repeat_interleave(n, dim=0))
 
 
 def select_batch(obj: Any, index: Tensor) -> Any:
     """``obj`` (a tensor, or lists / tuples / dicts of them) restricted to the batch entries ``index`` selects."""
-    if isinstance(obj, Tensor):
-        return obj[index]
-    if isinstance(obj, dict):
-        return {k: select_batch(v, index) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(select_batch(v, index) for v in obj)
-    return obj
+    return _map_tensors(obj, lambda t: t[index])
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -175,6 +172,7 @@ class Method(nn.Module):
         takes_start_step: :meth:`sample` can start the reverse chain from a noised prior mask (PD-DDPM start).
         own_prior: the method has its own pre-segmentation network for that start.
         levers: the ``diffusion.*`` recipe levers the method reads (others set in a config are refused).
+        denoiser_from_prior: the method reads ``train.denoiser_from_prior`` (PD-DDPM).
     """
 
     name: ClassVar[str] = ""
@@ -184,6 +182,8 @@ class Method(nn.Module):
     supports_members: ClassVar[bool] = True
     #: the recipe levers (``diffusion.*``, see ``diffmis.methods.LEVERS``) this method reads
     levers: ClassVar[tuple[str, ...]] = ()
+    #: the method reads ``train.denoiser_from_prior`` (:func:`diffmis.methods.build` refuses ``true`` elsewhere)
+    denoiser_from_prior: ClassVar[bool] = False
 
     num_classes: int
     default_sampler: str = "direct"

@@ -45,6 +45,7 @@ class PDDPM(GaussianMaskDiffusion):
     """
 
     own_prior = True
+    denoiser_from_prior = True
 
     def __init__(self, denoiser: nn.Module, *args: Any, prior: nn.Module, prior_trainable: bool = True,
                  **kwargs: Any) -> None:
@@ -68,10 +69,10 @@ class PDDPM(GaussianMaskDiffusion):
         when a prior run is given) start the denoiser (``model.name: segmentor_denoiser``, the same backbone) from
         those weights too."""
         super().setup_training(cfg, log)
-        want = cfg.train.denoiser_from_prior
+        want, can = cfg.train.denoiser_from_prior, hasattr(self.denoiser, "start_from")
         if want == "auto":  # a segmentor denoiser with a prior run to start from
-            want = bool(cfg.train.prior_run) and hasattr(self.denoiser, "start_from")
-            if not want and hasattr(self.denoiser, "start_from"):
+            want = can and bool(cfg.train.prior_run)
+            if can and not want:
                 log("denoiser trained from scratch (train.denoiser_from_prior: auto starts it from a "
                     "train.prior_run; none given)")
         if not want:
@@ -79,7 +80,7 @@ class PDDPM(GaussianMaskDiffusion):
         if not cfg.train.prior_run:
             raise ConfigError("train.denoiser_from_prior needs train.prior_run (a trained segmentor run to start "
                               "the denoiser from); give --set train.prior_run=RUN or drop denoiser_from_prior")
-        if not hasattr(self.denoiser, "start_from"):
+        if not can:
             raise ConfigError(f"train.denoiser_from_prior needs model.name: segmentor_denoiser (with "
                               f"model.segmentor's backbone and parameters); got model '{cfg.model.name}'")
         self.denoiser.start_from(self.prior, f"the pre-segmentation network of {cfg.train.prior_run}")
