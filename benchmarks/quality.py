@@ -47,7 +47,7 @@ from diffmis.config import load_config  # noqa: E402
 from diffmis.evaluation import evaluate_folders  # noqa: E402
 from diffmis.hardware import cpu_info, set_threads  # noqa: E402
 from diffmis.inference import Predictor, predict_paths  # noqa: E402
-from diffmis.methods import LEVERS  # noqa: E402
+from diffmis.methods import LEVERS, lever_value  # noqa: E402
 from diffmis.training import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,12 +151,13 @@ def train_run(cfg_name: str, name: str, minutes: float, work: Path, sets: list[s
 
 def recipe_levers(method: Any, cfg: Any) -> dict[str, Any]:
     """The recipe levers a run used where they differ from their defaults, from any source (config or override):
-    the method's diffusion levers, and HiDiff's ``train.segmentor_every`` as resolved (``auto`` -> 0 or 1; the
-    paper's alternation, 1, is the default)."""
-    levers = {f"diffusion.{k}": v for k in type(method).levers if (v := getattr(cfg.diffusion, k)) != LEVERS[k]}
-    every = getattr(method, "segmentor_every", 1)
-    if every != 1:
-        levers["train.segmentor_every"] = every
+    the method's levers (``diffmis.methods.LEVERS``), HiDiff's ``train.segmentor_every`` as resolved (``auto`` -> 0
+    or 1; the paper's alternation, 1, is the default)."""
+    levers = {}
+    for key in type(method).levers:
+        v = method.segmentor_every if key == "train.segmentor_every" else lever_value(cfg, key)
+        if v != LEVERS[key]:
+            levers[key] = v
     return levers
 
 

@@ -398,6 +398,16 @@ def test_a_lever_the_method_does_not_read_is_refused():
         _with("hidiff", recycle=0.5)
     with pytest.raises(ConfigError, match=r"diffusion.x0_seg_weight.*'segmentor'.*none of the recipe levers"):
         _with("segmentor", x0_seg_weight=1.0)
+    # the train.* levers too: HiDiff's alternation keys elsewhere, PD-DDPM's warm start elsewhere; ``auto`` passes
+    for recipe, key, value in [("pd_ddpm", "w_diff", 0.5), ("medsegdiff", "segmentor_every", 0),
+                               ("segmentor", "pretrain_steps", 10), ("berdiff", "denoiser_from_prior", True)]:
+        d = tiny_config(recipe, Path("/tmp"))
+        d["train"] = {**d["train"], key: value}
+        with pytest.raises(ConfigError, match=rf"train.{key} has no effect on recipe '{recipe}'"):
+            build(config_from_dict(d))
+    d = tiny_config("medsegdiff", Path("/tmp"))
+    d["train"] = {**d["train"], "segmentor_every": "auto", "denoiser_from_prior": "auto"}
+    build(config_from_dict(d))
 
 
 def test_medsegdiff_image_skips_reach_the_decoder():

@@ -225,9 +225,9 @@ class TrainConfig(_Section):
     segmentor_every: Union[Literal["auto"], NonNegativeInt] = 1
     # a segmentor run that HiDiff, PD-DDPM and MedSegDiff-V2 start their segmentor from (else it trains in the run)
     prior_run: Optional[str] = None
-    # PD-DDPM with model.name: segmentor_denoiser: its denoiser starts from train.prior_run's weights (the mask
-    # channels of the first convolution at zero) instead of from scratch; auto: where a train.prior_run is given
-    # and the denoiser is a segmentor
+    # PD-DDPM with model.name: segmentor_denoiser, HiDiff with segmentor_refiner: the denoiser starts from
+    # train.prior_run's weights (the mask channels of the first convolution at zero) instead of from scratch;
+    # auto: where a train.prior_run is given and the denoiser is a segmentor
     denoiser_from_prior: Union[bool, Literal["auto"]] = False
     progress: bool = True
 

@@ -15,6 +15,8 @@ recipe                 file
 Importing this package fills :data:`diffmis.registry.METHODS`; :func:`build` turns a config into a method.
 """
 
+from typing import Any
+
 from diffmis.config import Config
 from diffmis.errors import ConfigError
 from diffmis.methods import berdiff, hidiff, medsegdiff, medsegdiff_v2, pd_ddpm, segmentor  # noqa: F401
@@ -27,8 +29,9 @@ from diffmis.methods.pd_ddpm import PDDPM
 from diffmis.methods.segmentor import SegmentorMethod
 from diffmis.registry import METHODS
 
-__all__ = ["METHODS", "Method", "Phase", "LossOutput", "build", "build_segmentor", "load_segmentor_run",
-           "SegmentorMethod", "GaussianMaskDiffusion", "MedSegDiffV2", "PDDPM", "BerDiff", "HiDiff"]
+__all__ = ["METHODS", "Method", "Phase", "LossOutput", "build", "build_segmentor", "LEVERS", "lever_value",
+           "load_segmentor_run", "SegmentorMethod", "GaussianMaskDiffusion", "MedSegDiffV2", "PDDPM", "BerDiff",
+           "HiDiff"]
 
 
 def build(cfg: Config) -> Method:
@@ -42,18 +45,23 @@ def build(cfg: Config) -> Method:
     except KeyError:
         raise ConfigError(f"experiment.recipe '{cfg.experiment.recipe}' is not a method; registered: "
                           f"{', '.join(METHODS.names())}") from None
-    unused = [f"diffusion.{k}" for k, default in LEVERS.items()
-              if k not in cls.levers and getattr(cfg.diffusion, k) != default]
+    unused = [key for key, default in LEVERS.items()
+              if key not in cls.levers and (v := lever_value(cfg, key)) != default and v != "auto"]
     if unused:  # a recipe lever this method does not read would be silently ignored
         raise ConfigError(f"{', '.join(unused)} has no effect on recipe '{cfg.experiment.recipe}' (it reads "
-                          f"{', '.join(f'diffusion.{k}' for k in cls.levers) or 'none of the recipe levers'}); "
-                          "remove the setting")
-    if cfg.train.denoiser_from_prior is True and not cls.denoiser_from_prior:
-        raise ConfigError(f"train.denoiser_from_prior has no effect on recipe '{cfg.experiment.recipe}' (PD-DDPM "
-                          "alone starts its denoiser from its pre-segmentation run); remove the setting")
+                          f"{', '.join(cls.levers) or 'none of the recipe levers'}); remove the setting")
     return cls.from_config(cfg)
 
 
-#: the recipe levers (``diffusion.*`` keys only some methods read) and their defaults; ``Method.levers`` lists
-#: the ones a method reads, :func:`build` refuses the others when set
-LEVERS = {"x0_seg_weight": 0.0, "recycle": 0.0, "train_timesteps": "all", "prior_noise": 0.0}
+#: the recipe levers (``diffusion.*`` and ``train.*`` keys only some methods read) and their defaults;
+#: ``Method.levers`` lists the ones a method reads, :func:`build` refuses the others when set (``auto`` excepted:
+#: it means "where it applies")
+LEVERS = {"diffusion.x0_seg_weight": 0.0, "diffusion.recycle": 0.0, "diffusion.train_timesteps": "all",
+          "diffusion.prior_noise": 0.0, "train.w_diff": 0.1, "train.pretrain_steps": 0, "train.segmentor_every": 1,
+          "train.denoiser_from_prior": False}
+
+
+def lever_value(cfg: Config, key: str) -> Any:
+    """The value of a dotted ``section.key`` lever in ``cfg``."""
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)

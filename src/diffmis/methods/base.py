@@ -171,8 +171,8 @@ class Method(nn.Module):
             usual one).
         takes_start_step: :meth:`sample` can start the reverse chain from a noised prior mask (PD-DDPM start).
         own_prior: the method has its own pre-segmentation network for that start.
-        levers: the ``diffusion.*`` recipe levers the method reads (others set in a config are refused).
-        denoiser_from_prior: the method reads ``train.denoiser_from_prior`` (PD-DDPM).
+        levers: the recipe levers (``diffusion.*`` and ``train.*`` keys of ``diffmis.methods.LEVERS``) the method
+            reads (others set in a config are refused).
     """
 
     name: ClassVar[str] = ""
@@ -180,10 +180,10 @@ class Method(nn.Module):
     takes_start_step: ClassVar[bool] = False
     own_prior: ClassVar[bool] = False
     supports_members: ClassVar[bool] = True
-    #: the recipe levers (``diffusion.*``, see ``diffmis.methods.LEVERS``) this method reads
+    #: the recipe levers (dotted keys of ``diffmis.methods.LEVERS``) this method reads
     levers: ClassVar[tuple[str, ...]] = ()
-    #: the method reads ``train.denoiser_from_prior`` (:func:`diffmis.methods.build` refuses ``true`` elsewhere)
-    denoiser_from_prior: ClassVar[bool] = False
+    #: with ``train.denoiser_from_prior`` in :attr:`levers`: the model that can start from the segmentor run
+    warm_start_model: ClassVar[str] = ""
 
     num_classes: int
     default_sampler: str = "direct"
@@ -236,6 +236,32 @@ class Method(nn.Module):
                                   "to start from a segmentor run")
             ck = load_segmentor_run(seg, cfg.train.prior_run)
             log(f"segmentor initialised from {ck}")
+        if "train.denoiser_from_prior" in self.levers:
+            self.start_network_from_segmentor(cfg, log)
+
+    def start_network_from_segmentor(self, cfg: Config, log: Callable[[str], None] = print) -> None:
+        """``train.denoiser_from_prior`` (``auto``: when a prior run is given): start the trained network
+        (:attr:`warm_start_model`, a segmentor widened to read the mask inputs, the same backbone) from the
+        segmentor run's weights just loaded into :meth:`segmentor_module`, so that before its first step the
+        method returns its segmentor's answer."""
+        net = self.step_network()
+        want, can = cfg.train.denoiser_from_prior, hasattr(net, "start_from")
+        if want == "auto":  # a widened segmentor with a prior run to start from
+            want = can and bool(cfg.train.prior_run)
+            if can and not want:
+                log("denoiser trained from scratch (train.denoiser_from_prior: auto starts it from a "
+                    "train.prior_run; none given)")
+        if not want:
+            return
+        if not cfg.train.prior_run:
+            raise ConfigError("train.denoiser_from_prior needs train.prior_run (a trained segmentor run to start "
+                              "the denoiser from); give --set train.prior_run=RUN or drop denoiser_from_prior")
+        if not can:
+            raise ConfigError(f"train.denoiser_from_prior needs model.name: {self.warm_start_model} (with "
+                              f"model.segmentor's backbone and parameters); got model '{cfg.model.name}'")
+        what = "the pre-segmentation network" if self.own_prior else "the segmentor"
+        net.start_from(self.segmentor_module(), f"{what} of {cfg.train.prior_run}")
+        log(f"denoiser initialised from {what} ({cfg.train.prior_run})")
 
     # ---- inference ----------------------------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ class BerDiff(Method):
     """
 
     samplers = ("bernoulli_ddim", "bernoulli")
-    levers = ("train_timesteps",)
+    levers = ("diffusion.train_timesteps",)
     #: attribute that holds the denoiser (its state-dict prefix; HiDiff keeps the released name "refiner")
     network_name = "denoiser"
 
@@ -64,6 +64,9 @@ class BerDiff(Method):
                  prior_residual: bool = False, default_steps: Optional[int] = None,
                  default_sampler: str = "bernoulli_ddim", train_timesteps: str = "all") -> None:
         super().__init__()
+        if prior_residual and getattr(denoiser, "starts_at_prior_answer", False):
+            raise ConfigError(f"diffusion.prior_residual adds the prior's flips to a {type(denoiser).__name__}, "
+                              "whose output is already a whole answer; set diffusion.prior_residual: false")
         setattr(self, self.network_name, denoiser)
         self.scheduler = scheduler
         self.num_classes = num_classes

@@ -53,7 +53,9 @@ class HiDiff(BerDiff):
     """
 
     network_name = "refiner"
-    levers = ("prior_noise", "train_timesteps")
+    levers = ("diffusion.prior_noise", "diffusion.train_timesteps", "train.w_diff", "train.pretrain_steps",
+              "train.segmentor_every", "train.denoiser_from_prior")
+    warm_start_model = "segmentor_refiner"
 
     def __init__(self, segmentor: nn.Module, denoiser: nn.Module, *, w_diff: float = 0.1, pretrain_steps: int = 0,
                  segmentor_every: int = 1, prior_residual: bool = True, prior_noise: float = 0.0,

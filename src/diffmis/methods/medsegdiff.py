@@ -62,7 +62,7 @@ class GaussianMaskDiffusion(Method):
 
     samplers = ("ddim", "ddpm")
     takes_start_step = True
-    levers = ("x0_seg_weight", "recycle", "train_timesteps")
+    levers = ("diffusion.x0_seg_weight", "diffusion.recycle", "diffusion.train_timesteps")
 
     def __init__(self, denoiser: nn.Module, scheduler: GaussianScheduler, num_classes: int,
                  loss_weights: Optional[dict[str, float]] = None, *, default_steps: int = 10,

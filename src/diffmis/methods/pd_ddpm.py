@@ -20,13 +20,12 @@ step after refines a network that can already segment.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from diffmis.config import Config
-from diffmis.errors import ConfigError
 from diffmis.losses import segmentation_loss_terms
 from diffmis.masks import probabilities
 from diffmis.methods.base import LossOutput, compose, register, segmentor_from_config
@@ -45,7 +44,8 @@ class PDDPM(GaussianMaskDiffusion):
     """
 
     own_prior = True
-    denoiser_from_prior = True
+    levers = GaussianMaskDiffusion.levers + ("train.denoiser_from_prior",)
+    warm_start_model = "segmentor_denoiser"
 
     def __init__(self, denoiser: nn.Module, *args: Any, prior: nn.Module, prior_trainable: bool = True,
                  **kwargs: Any) -> None:
@@ -63,28 +63,6 @@ class PDDPM(GaussianMaskDiffusion):
 
     def segmentor_module(self) -> nn.Module:
         return self.prior
-
-    def setup_training(self, cfg: Config, log: Callable[[str], None] = print) -> None:
-        """Load ``train.prior_run`` into the pre-segmentation network; with ``train.denoiser_from_prior`` (``auto``:
-        when a prior run is given) start the denoiser (``model.name: segmentor_denoiser``, the same backbone) from
-        those weights too."""
-        super().setup_training(cfg, log)
-        want, can = cfg.train.denoiser_from_prior, hasattr(self.denoiser, "start_from")
-        if want == "auto":  # a segmentor denoiser with a prior run to start from
-            want = can and bool(cfg.train.prior_run)
-            if can and not want:
-                log("denoiser trained from scratch (train.denoiser_from_prior: auto starts it from a "
-                    "train.prior_run; none given)")
-        if not want:
-            return
-        if not cfg.train.prior_run:
-            raise ConfigError("train.denoiser_from_prior needs train.prior_run (a trained segmentor run to start "
-                              "the denoiser from); give --set train.prior_run=RUN or drop denoiser_from_prior")
-        if not can:
-            raise ConfigError(f"train.denoiser_from_prior needs model.name: segmentor_denoiser (with "
-                              f"model.segmentor's backbone and parameters); got model '{cfg.model.name}'")
-        self.denoiser.start_from(self.prior, f"the pre-segmentation network of {cfg.train.prior_run}")
-        log(f"denoiser initialised from the pre-segmentation network ({cfg.train.prior_run})")
 
     def loss(self, image: Tensor, mask: Tensor, step: int = 0,
              generator: Optional[torch.Generator] = None) -> LossOutput:
