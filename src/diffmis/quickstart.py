@@ -37,10 +37,13 @@ __all__ = ["QuickstartResult", "Plan", "plan_training", "run_quickstart", "run_q
 
 #: file that marks a folder as a quickstart output (and so replaceable by the next quickstart)
 MARKER = ".diffmis-quickstart"
-#: the quickstart's changes to the shipped hidiff_mni recipe: smaller networks, the built-in set on disk
+#: the quickstart's changes to the shipped hidiff_mni recipe: smaller networks, the built-in set on disk; the BBDM
+#: refiner trained from scratch alongside its segmentor (the recipe's segmentor refiner starts from a segmentor
+#: run, which the quickstart's single run does not have)
 OVERRIDES = (
-    "experiment.name=hidiff_mni", "data.kind=folder", "model.params.width=16",
-    "model.params.channel_mult=[1, 1, 2, 2, 4]", "model.segmentor.params.features=[16, 16, 32, 64, 128, 16]",
+    "experiment.name=hidiff_mni", "data.kind=folder", "model.name=bbdm",
+    'model.params={"width": 16, "channel_mult": [1, 1, 2, 2, 4]}', "diffusion.prior_residual=true",
+    "train.denoiser_from_prior=false", "model.segmentor.params.features=[16, 16, 32, 64, 128, 16]",
     "train.lr_schedule=cosine", "train.warmup_steps=20", "train.ema_decay=0.99", "train.val_every=0",
     "train.ckpt_every=0", "train.log_every=10", "sample.ensemble=4", "sample.batch_size=16",
     # the plan below was chosen on validation with the co-trained segmentor's own priors (the recipe's
