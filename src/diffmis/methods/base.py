@@ -173,6 +173,8 @@ class Method(nn.Module):
         own_prior: the method has its own pre-segmentation network for that start.
         levers: the recipe levers (``diffusion.*`` and ``train.*`` keys of ``diffmis.methods.LEVERS``) the method
             reads (others set in a config are refused).
+        warm_start_model: the ``model.name`` whose network can start from the segmentor run
+            (``train.denoiser_from_prior``, :meth:`start_network_from_segmentor`).
     """
 
     name: ClassVar[str] = ""
