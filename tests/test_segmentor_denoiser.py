@@ -32,6 +32,13 @@ def _pd_config(out: Path, **train_kw) -> dict:
     return d
 
 
+def _segmentor_run(out: Path, steps: int) -> Path:
+    """A tiny segmentor run of the width the tiny recipes' segmentor has (``SEG``): the run to start from."""
+    seg = tiny_config("segmentor", out, steps=steps)
+    seg["model"] = copy.deepcopy(SEG)
+    return train(config_from_dict(seg)).run_dir
+
+
 def _scene(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """(image, one-hot mask) 32x32: a bright disc per image on a faintly textured background."""
     yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
@@ -90,9 +97,7 @@ def test_settings_that_cannot_work_are_refused(tmp_path):
     d = _pd_config(tmp_path / "a", denoiser_from_prior=True)
     with pytest.raises(ConfigError, match="denoiser_from_prior needs train.prior_run"):
         train(config_from_dict(d))
-    seg = tiny_config("segmentor", tmp_path / "seg", steps=1)
-    seg["model"] = copy.deepcopy(SEG)
-    seg_run = train(config_from_dict(seg)).run_dir
+    seg_run = _segmentor_run(tmp_path / "seg", steps=1)
     d = tiny_config("pd_ddpm", tmp_path / "b", denoiser_from_prior=True, prior_run=str(seg_run))
     with pytest.raises(ConfigError, match="needs model.name: segmentor_denoiser"):
         train(config_from_dict(d))
@@ -104,9 +109,7 @@ def test_a_run_started_from_its_pre_segmentation_predicts_it_then_learns(tmp_pat
     """Train a segmentor run, start PD-DDPM's denoiser from it: before any step, sampling returns the
     pre-segmentation's probabilities (the start is the noised hard labels; the denoiser ignores them); a few
     dozen steps on one batch then take the sampled Dice above 0.9 while the frozen pre-segmentation stays."""
-    seg_cfg = tiny_config("segmentor", tmp_path / "seg", steps=3)
-    seg_cfg["model"] = copy.deepcopy(SEG)
-    seg_run = train(config_from_dict(seg_cfg)).run_dir
+    seg_run = _segmentor_run(tmp_path / "seg", steps=3)
     cfg = config_from_dict(_pd_config(tmp_path / "pd", steps=0, prior_run=str(seg_run), denoiser_from_prior=True))
     method = build(cfg)
     method.setup_training(cfg, log=lambda s: None)
@@ -137,9 +140,7 @@ def test_a_run_started_from_its_pre_segmentation_predicts_it_then_learns(tmp_pat
 
 
 def test_auto_starts_from_a_prior_run_where_there_is_one(tmp_path):
-    seg_cfg = tiny_config("segmentor", tmp_path / "seg", steps=1)
-    seg_cfg["model"] = copy.deepcopy(SEG)
-    seg_run = train(config_from_dict(seg_cfg)).run_dir
+    seg_run = _segmentor_run(tmp_path / "seg", steps=1)
     image, _ = _scene(2)
     for prior_run, equal in ((str(seg_run), True), (None, False)):
         cfg = config_from_dict(_pd_config(tmp_path / "pd", prior_run=prior_run, denoiser_from_prior="auto"))
@@ -202,9 +203,7 @@ def test_a_hidiff_run_started_from_its_segmentor_predicts_its_answer_then_learns
     """HiDiff with ``segmentor_refiner`` and ``train.denoiser_from_prior``: before any step, sampling returns the
     segmentor's probabilities; 60 refiner steps on one batch (the segmentor frozen: ``segmentor_every: auto``
     after a prior run) take the sampled Dice above 0.9 and above the segmentor's."""
-    seg_cfg = tiny_config("segmentor", tmp_path / "seg", steps=3)
-    seg_cfg["model"] = copy.deepcopy(SEG)
-    seg_run = train(config_from_dict(seg_cfg)).run_dir
+    seg_run = _segmentor_run(tmp_path / "seg", steps=3)
     cfg = config_from_dict(_hidiff_config(tmp_path / "hd", steps=0, prior_run=str(seg_run),
                                           denoiser_from_prior=True, segmentor_every="auto"))
     method = build(cfg)
@@ -242,9 +241,7 @@ def test_refiner_settings_that_cannot_work_are_refused(tmp_path):
     d["diffusion"]["prior_residual"] = True
     with pytest.raises(ConfigError, match="prior_residual.*SegmentorRefiner.*set diffusion.prior_residual: false"):
         build(config_from_dict(d))
-    seg = tiny_config("segmentor", tmp_path / "seg", steps=1)
-    seg["model"] = copy.deepcopy(SEG)
-    seg_run = train(config_from_dict(seg)).run_dir
+    seg_run = _segmentor_run(tmp_path / "seg", steps=1)
     d = tiny_config("hidiff", tmp_path / "b", denoiser_from_prior=True, prior_run=str(seg_run))
     with pytest.raises(ConfigError, match="needs model.name: segmentor_refiner"):
         train(config_from_dict(d))
