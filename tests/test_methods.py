@@ -345,6 +345,35 @@ def test_training_timesteps_matched_to_the_sampler():
     assert seen == [hidiff.scheduler.timesteps - 1] * 4
 
 
+def test_first_step_share_puts_that_share_of_the_batch_at_the_samplers_first_timestep():
+    """``diffusion.first_step_share``: each sample goes to the default chain's first index (T - 1 from pure noise,
+    T' - 1 from a PD-DDPM start) with that probability, the rest as ``train_timesteps`` draws them; 0 is uniform,
+    1 puts the whole batch there; out of [0, 1] refused; HiDiff does not read it."""
+    from diffmis.errors import ConfigError
+
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    cpu = torch.device("cpu")
+    for recipe in ("medsegdiff", "berdiff", "pd_ddpm"):
+        method = _with(recipe, first_step_share=1.0)
+        chain = method.sampling_chain(method.default_steps, method.default_start_step)
+        assert chain[0] == (method.default_start_step or method.timesteps) - 1
+        assert method.training_timesteps(64, gen(), cpu).tolist() == [chain[0]] * 64
+        half = _with(recipe, first_step_share=0.5).training_timesteps(4000, gen(), cpu)
+        uniform = _with(recipe).training_timesteps(4000, gen(), cpu)
+        # about half at the first index (plus its uniform share), the others spread as before
+        base = (uniform == chain[0]).float().mean().item()
+        assert base < 0.15 and abs((half == chain[0]).float().mean().item() - (0.5 + 0.5 * base)) < 0.04
+        assert len(set(half.tolist())) > 0.5 * len(set(uniform.tolist()))
+    method = _with("medsegdiff", first_step_share=0.5, train_timesteps="sampler")
+    both, chain = method.training_timesteps(4000, gen(), cpu), method.sampling_chain(method.default_steps)
+    expected = 0.5 + 0.5 / len(chain)
+    assert set(both.tolist()) == set(chain) and abs((both == chain[0]).float().mean().item() - expected) < 0.04
+    with pytest.raises(Exception, match="first_step_share"):
+        _with("medsegdiff", first_step_share=1.5)
+    with pytest.raises(ConfigError, match=r"diffusion.first_step_share has no effect on recipe 'hidiff'"):
+        _with("hidiff", first_step_share=0.5)
+
+
 def test_hidiff_segmentor_step_every_nth_iteration():
     """``train.segmentor_every``: after the segmentor-only pre-training, the refiner steps every iteration and the
     segmentor every N-th (0: never, refused when nothing else would train the segmentor)."""

@@ -193,6 +193,10 @@ class DiffusionConfig(_Section):
     # the default sampler visits (sample.steps over [0, T'), "sampler": the network learns exactly the steps it will
     # take; HiDiff with one Bernoulli-DDIM step: T - 1 alone)
     train_timesteps: Literal["all", "sampler"] = "all"
+    # Gaussian methods and BerDiff: share of each training batch put at the default sampler's first timestep (from
+    # pure noise: T - 1, where the network reads the image alone and its x0 is a segmentation), the rest drawn as
+    # train_timesteps says; 0 = the papers' uniform timesteps
+    first_step_share: float = Field(0.0, ge=0, le=1)
 
 
 class TrainConfig(_Section):

@@ -50,6 +50,7 @@ __all__ = [
     "compose",
     "rand_t",
     "chain_t",
+    "check_share",
     "check_train_timesteps",
     "randn_like",
     "repeat_members",
@@ -120,6 +121,13 @@ def check_train_timesteps(value: str) -> str:
     if value not in ("all", "sampler"):
         raise ConfigError(f"diffusion.train_timesteps must be 'all' or 'sampler', got {value!r}")
     return value
+
+
+def check_share(name: str, value: float) -> float:
+    """A fraction in [0, 1] (``name`` is its config key), refused otherwise."""
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be a share in [0, 1], got {value!r}")
+    return float(value)
 
 
 def randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
@@ -195,6 +203,8 @@ class Method(nn.Module):
     timesteps: Optional[int] = None
     #: ``diffusion.train_timesteps``: ``"all"`` (uniform over [0, T)) or ``"sampler"`` (the default chain's only)
     train_timesteps: str = "all"
+    #: ``diffusion.first_step_share``: share of a training batch at the default chain's first timestep
+    first_step_share: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Method":
@@ -318,10 +328,15 @@ class Method(nn.Module):
 
     def training_timesteps(self, n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
         """(n,) timesteps of a training batch: uniform in [0, T), or (``train_timesteps="sampler"``) uniform over
-        the indices the default sampler visits (:meth:`sampling_chain` of the default steps and start step)."""
-        if self.train_timesteps == "all":
-            return rand_t(n, self.timesteps, generator, device)
-        return chain_t(self.sampling_chain(self.default_steps, self.default_start_step), n, generator, device)
+        the indices the default sampler visits (:meth:`sampling_chain` of the default steps and start step); a
+        ``first_step_share`` of them (drawn per sample) at that chain's first index instead."""
+        chain = self.sampling_chain(self.default_steps, self.default_start_step)
+        t = rand_t(n, self.timesteps, generator, device) if self.train_timesteps == "all" else chain_t(
+            chain, n, generator, device)
+        if self.first_step_share > 0:  # the step that reads the image alone (from pure noise), trained more often
+            first = torch.rand(n, generator=generator, device=generator.device if generator else "cpu")
+            t = torch.where((first < self.first_step_share).to(device), torch.full_like(t, chain[0]), t)
+        return t
 
     def untrained_timesteps(self, steps: int, start_step: Optional[int] = None) -> list[int]:
         """The timesteps that a chain of ``steps`` evaluations (from ``start_step``) visits and the network never

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from diffmis.config import Config
 from diffmis.errors import ConfigError
-from diffmis.methods.base import (LossOutput, Method, build_model, check_train_timesteps, compose, register,
-                                  repeat_members)
+from diffmis.methods.base import (LossOutput, Method, build_model, check_share, check_train_timesteps, compose,
+                                  register, repeat_members)
 from diffmis.sampling import SampleOutput, bernoulli_sample
 from diffmis.schedulers import BernoulliScheduler
 
@@ -52,17 +52,19 @@ class BerDiff(Method):
         default_steps, default_sampler: the sampler used when :meth:`sample` is called without them.
         train_timesteps: ``"all"`` (uniform over [0, T), the papers') or ``"sampler"`` (only the indices the default
             sampler visits: with one Bernoulli-DDIM step, T - 1 alone, the one step sampling takes).
+        first_step_share: share of each training batch at the default sampler's first timestep (T - 1).
     """
 
     samplers = ("bernoulli_ddim", "bernoulli")
-    levers = ("diffusion.train_timesteps",)
+    levers = ("diffusion.train_timesteps", "diffusion.first_step_share")
     #: attribute that holds the denoiser (its state-dict prefix; HiDiff keeps the released name "refiner")
     network_name = "denoiser"
 
     def __init__(self, denoiser: nn.Module, scheduler: BernoulliScheduler, num_classes: int,
                  loss_weights: Optional[dict[str, float]] = None, *, focal_lambda: float = 1.0,
                  prior_residual: bool = False, default_steps: Optional[int] = None,
-                 default_sampler: str = "bernoulli_ddim", train_timesteps: str = "all") -> None:
+                 default_sampler: str = "bernoulli_ddim", train_timesteps: str = "all",
+                 first_step_share: float = 0.0) -> None:
         super().__init__()
         if prior_residual and getattr(denoiser, "starts_at_prior_answer", False):
             raise ConfigError(f"diffusion.prior_residual adds the prior's flips to a {type(denoiser).__name__}, "
@@ -77,6 +79,7 @@ class BerDiff(Method):
         self.default_steps = min(default_steps or scheduler.timesteps, scheduler.timesteps)
         self.default_sampler = default_sampler
         self.train_timesteps = check_train_timesteps(train_timesteps)
+        self.first_step_share = check_share("diffusion.first_step_share", first_step_share)
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> "BerDiff":
@@ -88,7 +91,8 @@ class BerDiff(Method):
         return cls(scheduler=scheduler, num_classes=cfg.data.num_classes, loss_weights=dict(cfg.train.loss_weights),
                    focal_lambda=cfg.diffusion.focal_lambda, prior_residual=cfg.diffusion.prior_residual,
                    default_steps=cfg.sample.steps, default_sampler=sampler,
-                   train_timesteps=cfg.diffusion.train_timesteps, **kwargs)
+                   train_timesteps=cfg.diffusion.train_timesteps, first_step_share=cfg.diffusion.first_step_share,
+                   **kwargs)
 
     @property
     def network(self) -> nn.Module:

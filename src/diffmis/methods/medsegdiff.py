@@ -26,8 +26,8 @@ from diffmis.config import Config
 from diffmis.errors import ConfigError
 from diffmis.losses import bce_on_probabilities, soft_dice_loss
 from diffmis.masks import hard_one_hot
-from diffmis.methods.base import (LossOutput, Method, build_model, check_train_timesteps, compose, rand_t, randn_like,
-                                  register, repeat_members, select_batch)
+from diffmis.methods.base import (LossOutput, Method, build_model, check_share, check_train_timesteps, compose,
+                                  rand_t, randn_like, register, repeat_members, select_batch)
 from diffmis.sampling import SampleOutput, gaussian_sample
 from diffmis.schedulers import GaussianScheduler
 
@@ -56,18 +56,20 @@ class GaussianMaskDiffusion(Method):
         num_classes: K.
         loss_weights: ``train.loss_weights`` (term ``diffusion``).
         default_steps, default_sampler: the sampler used when :meth:`sample` is called without them.
+        x0_seg_weight, recycle, train_timesteps, first_step_share: the recipe levers of ``diffusion.*``.
         default_start_step: T' used when :meth:`sample` gets no start step (methods with their own prior:
             ``sample.start_step``); None starts from pure noise.
     """
 
     samplers = ("ddim", "ddpm")
     takes_start_step = True
-    levers = ("diffusion.x0_seg_weight", "diffusion.recycle", "diffusion.train_timesteps")
+    levers = ("diffusion.x0_seg_weight", "diffusion.recycle", "diffusion.train_timesteps", "diffusion.first_step_share")
 
     def __init__(self, denoiser: nn.Module, scheduler: GaussianScheduler, num_classes: int,
                  loss_weights: Optional[dict[str, float]] = None, *, default_steps: int = 10,
                  default_sampler: str = "ddim", x0_seg_weight: float = 0.0, recycle: float = 0.0,
-                 train_timesteps: str = "all", default_start_step: Optional[int] = None) -> None:
+                 train_timesteps: str = "all", first_step_share: float = 0.0,
+                 default_start_step: Optional[int] = None) -> None:
         super().__init__()
         if (x0_seg_weight or recycle) and scheduler.prediction != "x0":
             raise ConfigError("diffusion.x0_seg_weight and diffusion.recycle need diffusion.prediction: x0 "
@@ -87,6 +89,7 @@ class GaussianMaskDiffusion(Method):
         self.x0_seg_weight = x0_seg_weight
         self.recycle = recycle
         self.train_timesteps = check_train_timesteps(train_timesteps)
+        self.first_step_share = check_share("diffusion.first_step_share", first_step_share)
         self.default_start_step = default_start_step
 
     @classmethod
@@ -104,6 +107,7 @@ class GaussianMaskDiffusion(Method):
         return cls(denoiser, gaussian_scheduler(cfg), cfg.data.num_classes, dict(cfg.train.loss_weights),
                    default_steps=cfg.sample.steps, default_sampler=sampler, x0_seg_weight=cfg.diffusion.x0_seg_weight,
                    recycle=cfg.diffusion.recycle, train_timesteps=cfg.diffusion.train_timesteps,
+                   first_step_share=cfg.diffusion.first_step_share,
                    default_start_step=cfg.sample.start_step if cls.own_prior else None, **method_params, **kwargs)
 
     def ema_module(self) -> nn.Module:
