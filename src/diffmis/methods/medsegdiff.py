@@ -63,7 +63,8 @@ class GaussianMaskDiffusion(Method):
 
     samplers = ("ddim", "ddpm")
     takes_start_step = True
-    levers = ("diffusion.x0_seg_weight", "diffusion.recycle", "diffusion.train_timesteps", "diffusion.first_step_share")
+    levers = ("diffusion.x0_seg_weight", "diffusion.recycle", "diffusion.train_timesteps",
+              "diffusion.first_step_share")
 
     def __init__(self, denoiser: nn.Module, scheduler: GaussianScheduler, num_classes: int,
                  loss_weights: Optional[dict[str, float]] = None, *, default_steps: int = 10,
