@@ -49,6 +49,7 @@ __all__ = [
     "load_segmentor_run",
     "compose",
     "rand_t",
+    "rand_share",
     "chain_t",
     "check_share",
     "check_train_timesteps",
@@ -108,6 +109,13 @@ def rand_t(n: int, timesteps: int, generator: Optional[torch.Generator], device:
     """(n,) int64 timesteps uniform in [0, T), drawn from ``generator`` on its own device."""
     t = torch.randint(0, timesteps, (n,), generator=generator, device=generator.device if generator else "cpu")
     return t.to(device)
+
+
+def rand_share(n: int, share: float, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """(n,) bool: each sample selected with probability ``share``, drawn from ``generator`` on its own device (the
+    recycled part of a batch, the part trained at the first sampling step)."""
+    u = torch.rand(n, generator=generator, device=generator.device if generator else "cpu")
+    return (u < share).to(device)
 
 
 def chain_t(chain: list[int], n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
@@ -330,12 +338,13 @@ class Method(nn.Module):
         """(n,) timesteps of a training batch: uniform in [0, T), or (``train_timesteps="sampler"``) uniform over
         the indices the default sampler visits (:meth:`sampling_chain` of the default steps and start step); a
         ``first_step_share`` of them (drawn per sample) at that chain's first index instead."""
-        chain = self.sampling_chain(self.default_steps, self.default_start_step)
-        t = rand_t(n, self.timesteps, generator, device) if self.train_timesteps == "all" else chain_t(
-            chain, n, generator, device)
+        if self.train_timesteps == "all":
+            t = rand_t(n, self.timesteps, generator, device)
+        else:
+            t = chain_t(self.sampling_chain(self.default_steps, self.default_start_step), n, generator, device)
         if self.first_step_share > 0:  # the step that reads the image alone (from pure noise), trained more often
-            first = torch.rand(n, generator=generator, device=generator.device if generator else "cpu")
-            t = torch.where((first < self.first_step_share).to(device), torch.full_like(t, chain[0]), t)
+            first = self.sampling_chain(self.default_steps, self.default_start_step)[0]
+            t = torch.where(rand_share(n, self.first_step_share, generator, device), torch.full_like(t, first), t)
         return t
 
     def untrained_timesteps(self, steps: int, start_step: Optional[int] = None) -> list[int]:

@@ -27,7 +27,7 @@ from diffmis.errors import ConfigError
 from diffmis.losses import bce_on_probabilities, soft_dice_loss
 from diffmis.masks import hard_one_hot
 from diffmis.methods.base import (LossOutput, Method, build_model, check_share, check_train_timesteps, compose,
-                                  rand_t, randn_like, register, repeat_members, select_batch)
+                                  rand_share, rand_t, randn_like, register, repeat_members, select_batch)
 from diffmis.sampling import SampleOutput, gaussian_sample
 from diffmis.schedulers import GaussianScheduler
 
@@ -129,8 +129,7 @@ class GaussianMaskDiffusion(Method):
         src = x0
         cond = self.denoiser.condition(image)  # once for the batch, shared with the recycled samples' source
         if self.recycle > 0:  # ImgX-DiffSeg's recycling / PD-DDPM's starts: noise a prediction, not the truth
-            sel = torch.rand(b, generator=generator, device=generator.device if generator else "cpu") < self.recycle
-            sel = sel.to(image.device)
+            sel = rand_share(b, self.recycle, generator, image.device)
             if bool(sel.any()):
                 rec, t_rec = self.recycle_source(image[sel], select_batch(cond, sel), generator)
                 src = x0.clone()
