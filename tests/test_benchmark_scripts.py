@@ -141,3 +141,23 @@ def test_rescore_predicts_a_recorded_run_again_with_sampling_settings_only(tmp_p
     assert seg["dice_mean"] == 0.78 and seg["variant"] == "anchor100"
     again, _ = rescore(doc, "medsegdiff_v2", "default", "default", ["sample.start_step=100"], score_run, {})
     assert again["replaced_row"]["dice_mean"] == 0.75 and "runs" not in again["replaced_row"]
+
+
+def test_temperature_fit_recovers_a_known_under_confidence_and_keeps_the_labels():
+    import numpy as np
+    from temperature import ece, fit, temper
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0.0, 2.0, size=(1, 200, 200))
+    labels = (rng.random(z.shape[1:]) < 1.0 / (1.0 + np.exp(-z[0]))).astype(np.float64)
+    under = 1.0 / (1.0 + np.exp(-z / 2.0))  # the calibrated logit halved: T = 0.5 restores it
+    cases = [(under, labels[None], None)]
+    t = fit(cases)
+    assert 0.4 < t < 0.63
+    assert ece(cases, t) < 0.5 * ece(cases, 1.0)
+    assert ((temper(under, t) > 0.5) == (under > 0.5)).all()  # a temperature moves no label
+    three = rng.dirichlet([1.0, 1.0, 1.0], size=(8, 8)).transpose(2, 0, 1)
+    assert np.allclose(temper(three, 1.0), three) and (temper(three, 0.3).argmax(0) == three.argmax(0)).all()
+    fov = np.zeros((200, 200), bool)
+    fov[:100] = True  # pixels outside the FOV do not count
+    assert fit([(under, labels[None], fov)]) == fit([(under[:, :100], labels[None, :100], None)])
