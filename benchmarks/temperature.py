@@ -30,11 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, write_result  # noqa: E402
+from quality import EVAL_SPLIT  # noqa: E402
 
-from diffmis.evaluation import read_scored_labels  # noqa: E402
+from diffmis.data import LABEL_SUFFIXES  # noqa: E402
+from diffmis.evaluation import index_files, read_scored_labels  # noqa: E402
+from diffmis.masks import one_hot  # noqa: E402
 from diffmis.metrics import calibration  # noqa: E402
 
-EVAL_SPLIT = {"kvasir": "val", "drive": "test", "mni": "test"}
 GRID = np.geomspace(0.05, 5.0, 121)
 EPS = 1e-7
 
@@ -49,13 +51,6 @@ def temper(prob: np.ndarray, temperature: float) -> np.ndarray:
     logits -= logits.max(0, keepdims=True)
     e = np.exp(logits)
     return e / e.sum(0, keepdims=True)
-
-
-def onehot(labels: np.ndarray, k: int) -> np.ndarray:
-    """``(K, *spatial)`` targets: the foreground for ``k == 1``, one channel per label otherwise."""
-    if k == 1:
-        return (labels > 0)[None].astype(np.float64)
-    return np.stack([labels == c for c in range(k)]).astype(np.float64)
 
 
 def nll(cases: list[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]], temperature: float) -> float:
@@ -91,21 +86,22 @@ def fit(cases: list[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]) -> flo
 def load(work: Path, split: str, row: str) -> list[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
     """``(prob, target, fov)`` per case of a row that quality.py predicted into ``work``."""
     prob_dir, refs = work / "pred" / row / "prob", work / f"refs_{split}"
-    files = sorted(prob_dir.glob("*.npy"))
-    if not files:
+    probs = index_files(prob_dir, (".npy",), "probability") if prob_dir.is_dir() else {}
+    if not probs:
         raise SystemExit(f"no probability maps in {prob_dir}: predict row '{row}' with benchmarks/quality.py "
                          f"(--work {work.parent}) first")
+    masks = index_files(refs / "masks", LABEL_SUFFIXES, "reference")
+    fovs = index_files(refs / "fov", LABEL_SUFFIXES, "FOV") if (refs / "fov").is_dir() else {}
     cases = []
-    for f in files:
-        ref = next((p for p in (refs / "masks").glob(f.stem + ".*")), None)
-        if ref is None:
-            raise SystemExit(f"no reference mask for case '{f.stem}' in {refs / 'masks'}")
-        labels, _ = read_scored_labels(ref)
+    for case, f in probs.items():
+        if case not in masks:
+            raise SystemExit(f"no reference mask for case '{case}' in {refs / 'masks'}")
+        labels, _ = read_scored_labels(masks[case])
         prob = np.load(f).astype(np.float64)
         prob = prob[None] if prob.ndim == labels.ndim else prob
-        fov_file = next((p for p in (refs / "fov").glob(f.stem + ".*")), None) if (refs / "fov").is_dir() else None
-        fov = read_scored_labels(fov_file)[0] > 0 if fov_file is not None else None
-        cases.append((np.clip(prob, 0.0, 1.0), onehot(labels, prob.shape[0]), fov))
+        target = one_hot(labels, prob.shape[0], dim=0, check=True).numpy().astype(np.float64)
+        fov = read_scored_labels(fovs[case])[0] > 0 if case in fovs else None
+        cases.append((np.clip(prob, 0.0, 1.0), target, fov))
     return cases
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import render  # noqa: E402
 from quality import check_segphase_from, recipe_levers, rescore, reused_segphase, sample_settings  # noqa: E402
+from temperature import ece, fit, temper  # noqa: E402
 
 
 def _row(method: str, variant: str, dice: float, seg_dir: Path, *, dims: int = 3, reused: str = "",
@@ -144,9 +146,6 @@ def test_rescore_predicts_a_recorded_run_again_with_sampling_settings_only(tmp_p
 
 
 def test_temperature_fit_recovers_a_known_under_confidence_and_keeps_the_labels():
-    import numpy as np
-    from temperature import ece, fit, temper
-
     rng = np.random.default_rng(0)
     z = rng.normal(0.0, 2.0, size=(1, 200, 200))
     labels = (rng.random(z.shape[1:]) < 1.0 / (1.0 + np.exp(-z[0]))).astype(np.float64)
