@@ -18,6 +18,10 @@ Protocol (one run at a time, all cores, precision auto; the JSON records CPU, fl
   calibration error of the per-pixel probability (top label, 10 bins, pixels pooled) and the AUROC of the
   per-pixel uncertainty (entropy of the member mean) for detecting the per-pixel error.
 * Methods with a segmentor also get a row of that segmentor alone (``<method>_segmentor``), from the same run.
+* ``--calibrate`` (evaluation protocol, MNI and DRIVE): the method's run reserves ``--calibrate-seconds`` of its
+  budget, then fits its probability temperature on the held-out ``val`` images (never trained on, never reported:
+  ``diffmis.calibration.calibrate_run``) and predicts with it; the row keeps the raw ECE too (``ece_raw``). Its
+  segmentor row stays raw.
 
 ``--variant NAME --set KEY=VALUE ...`` adds a named row with overrides (the ablations of the recipe levers);
 rows accumulate in ``benchmarks/results/quality_<dataset>[_tune].json`` (a rerun replaces its own rows).
@@ -57,6 +61,8 @@ BUDGET = {"kvasir": 15.0, "drive": 10.0, "mni": 5.0}
 EVAL_SPLIT = {"kvasir": "val", "drive": "test", "mni": "test"}
 KVASIR_SIZE = 128
 TUNE_HOLDOUT = 80  # the last Kvasir-SEG training cases, the tuning split
+#: held-out split a run of the evaluation protocol may calibrate on: trained on by no run, reported by none
+CALIBRATION_SPLIT = {"mni": "val", "drive": "val"}
 
 
 def shared_data() -> Path:
@@ -201,6 +207,13 @@ def predict_score(run_dir: str, name: str, images: list[Path], work: Path, ref_d
     return out
 
 
+def raw_ece(prob_dir: Path, ref_dir: Path, fov_dir: Optional[Path], temperature: float) -> float:
+    """The ECE the maps of ``prob_dir`` had before ``temperature`` was applied to them (it is invertible)."""
+    from diffmis.calibration import calibration_ece, load_cases
+
+    return calibration_ece(load_cases(prob_dir, ref_dir, fov_dir), 1.0 / temperature)
+
+
 def reused_segphase(doc: dict[str, Any], key: str, minutes: float) -> dict[str, Any]:
     """The segmentor phase recorded in ``doc``'s row ``key`` (an earlier variant of the same method), for a
     paired ablation: the lever's run starts from the very segmentor the other variant started from, so the
@@ -238,7 +251,8 @@ def check_segphase_from(segphase_from: Optional[str], seg_share: float, methods:
 
 def train_and_score(method: str, dataset: str, key: str, minutes: float, share: float, work: Path,
                     data_sets: list[str], extra_sets: list[str], score_run: Callable[..., dict[str, Any]],
-                    fields: dict[str, Any], seg: Optional[dict[str, Any]] = None
+                    fields: dict[str, Any], seg: Optional[dict[str, Any]] = None,
+                    calibrate: Optional[Callable[[str], dict[str, Any]]] = None, reserve_seconds: float = 0.0
                     ) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
     """One method's rows at equal total minutes, everything counted: a segmentor run of ``share`` x ``minutes``
     (``segmentor_<dataset>`` with the method's segmentor architecture) that the method starts from
@@ -246,7 +260,8 @@ def train_and_score(method: str, dataset: str, key: str, minutes: float, share: 
     run also ``extra_sets`` (an ablation's overrides); ``score_run(run_dir, name, **predict_kw)`` scores the run.
     ``seg``: an earlier variant's segmentor phase to start from instead of training one (:func:`reused_segphase`).
     Returns the method's row and, for a method with a segmentor, the row of that segmentor inside the same run
-    predicted alone (what the diffusion adds to it), else None. ``fields`` go into both rows."""
+    predicted alone (what the diffusion adds to it), else None. ``fields`` go into both rows. ``calibrate(run_dir)``
+    (``--calibrate``): fit the method run's temperature after ``reserve_seconds`` less training, before scoring."""
     sets = data_sets + extra_sets
     runs = []
     if share > 0:
@@ -255,11 +270,13 @@ def train_and_score(method: str, dataset: str, key: str, minutes: float, share: 
                             data_sets + segmentor_sets(method, dataset))
         runs.append({"phase": "segmentor", **seg})
         sets = sets + [f"train.prior_run={seg['run_dir']}"]
-    run = train_run(f"{method}_{dataset}", key, minutes * (1.0 - share), work, sets)
+    run = train_run(f"{method}_{dataset}", key, minutes * (1.0 - share) - reserve_seconds / 60.0, work, sets)
     runs.append({"phase": "method", **run})
     common = {**fields, "sets": list(extra_sets), "budget_minutes": minutes, "runs": runs,
               "steps": sum(r["steps"] for r in runs), "images_seen": sum(r["images_seen"] for r in runs)}
     row = {"method": method, **common, "seg_share": share, "params": run["params"]}
+    if calibrate is not None:
+        row["calibration"] = {**calibrate(run["run_dir"]), "reserve_seconds": reserve_seconds}
     row.update(score_run(run["run_dir"], key))
     seg_row = None
     if method in WITH_SEGMENTOR:
@@ -333,6 +350,11 @@ def main() -> None:
     ap.add_argument("--rescore-from", default=None, metavar="VARIANT",
                     help="no training: predict the runs of this earlier variant again with the --set sample.* "
                          "settings (a sampling lever on the very same weights; its minutes are the source's)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="evaluation protocol, MNI and DRIVE: fit each method run's temperature on the held-out val "
+                         "images within its budget (diffmis calibrate) and predict with it")
+    ap.add_argument("--calibrate-seconds", type=float, default=20.0,
+                    help="with --calibrate: training seconds each method run gives up for its calibration")
     ap.add_argument("--ensemble", type=int, default=None, help="ensemble members (default: the configs')")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: diffmis's)")
     ap.add_argument("--work", default="/tmp/diffmis_quality")
@@ -342,6 +364,12 @@ def main() -> None:
     check_segphase_from(args.segphase_from, args.seg_share, args.methods)
     if args.rescore_from and args.segphase_from:
         raise SystemExit("--rescore-from trains nothing: --segphase-from does not apply")
+    if args.calibrate and (args.split != "eval" or args.dataset not in CALIBRATION_SPLIT):
+        raise SystemExit("--calibrate needs held-out images that no run trains on and no row reports: the "
+                         f"evaluation protocol of {' or '.join(sorted(CALIBRATION_SPLIT))} (their val split); "
+                         f"{args.dataset} --split {args.split} has none")
+    if args.calibrate and args.rescore_from:
+        raise SystemExit("--calibrate reserves training time: it does not combine with --rescore-from")
     threads = set_threads(args.threads).threads
     minutes = args.minutes or BUDGET[args.dataset]
     tag = args.dataset + ("_tune" if args.split == "tune" else "")
@@ -352,6 +380,23 @@ def main() -> None:
     cfg0 = load_config(f"segmentor_{args.dataset}", data_sets)
     images, ref_dir, fov_dir = split_files(root, eval_split, work, cfg0.data)
     k = cfg0.data.num_classes
+    calibrate = None
+    if args.calibrate:
+        from diffmis.calibration import calibrate_run
+
+        cal_images, cal_refs, cal_fov = split_files(root, CALIBRATION_SPLIT[args.dataset], work, cfg0.data)
+
+        def calibrate(run_dir: str) -> dict[str, Any]:
+            kw_cal = {} if args.ensemble is None else {"ensemble": args.ensemble}
+            rec = calibrate_run(run_dir, cal_images, cal_refs, cal_fov, checkpoint="last", log=print, **kw_cal)
+            print(f"calibration: T {rec['temperature']:.3g} on {rec['n_cases']} {CALIBRATION_SPLIT[args.dataset]} "
+                  f"cases, ECE {rec['ece']['t1']:.4f} -> {rec['ece']['fitted']:.4f}, {rec['seconds']} s", flush=True)
+            if rec["seconds"] > args.calibrate_seconds:
+                print(f"calibration: warning: {rec['seconds']} s, over the {args.calibrate_seconds} s reserved",
+                      flush=True)
+            return {"split": CALIBRATION_SPLIT[args.dataset], "temperature": rec["temperature"],
+                    "n_cases": rec["n_cases"], "seconds": rec["seconds"], "ece_split_t1": rec["ece"]["t1"],
+                    "ece_split_fitted": rec["ece"]["fitted"]}
     out_json = RESULTS / f"quality_{tag}.json"
     doc: dict[str, Any] = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": {}}
     monitor = CpuMonitor()
@@ -372,7 +417,11 @@ def main() -> None:
             seg = (reused_segphase(doc, f"{m}@{args.segphase_from}", minutes * share)
                    if args.segphase_from and share > 0 else None)
             row, seg_row = train_and_score(m, args.dataset, key, minutes, share, work, data_sets, list(args.sets),
-                                           score_run, {"variant": variant}, seg)
+                                           score_run, {"variant": variant}, seg, calibrate,
+                                           args.calibrate_seconds if calibrate is not None else 0.0)
+            if "calibration" in row:  # the raw ensemble's ECE on the reported split, from the calibrated maps
+                row["ece_raw"] = raw_ece(work / "pred" / key / "prob", ref_dir, fov_dir,
+                                         row["calibration"]["temperature"])
         # per row: a file gathers rows measured on different machines over time
         row["cpu"] = seg_row_cpu = cpu_record(cpu_info().record(), threads)
         doc["rows"][key] = row

@@ -11,8 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import render  # noqa: E402
-from quality import check_segphase_from, recipe_levers, rescore, reused_segphase, sample_settings  # noqa: E402
-from temperature import ece, fit, temper  # noqa: E402
+from quality import check_segphase_from, raw_ece, recipe_levers, rescore, reused_segphase, sample_settings  # noqa: E402
 
 
 def _row(method: str, variant: str, dice: float, seg_dir: Path, *, dims: int = 3, reused: str = "",
@@ -145,18 +144,29 @@ def test_rescore_predicts_a_recorded_run_again_with_sampling_settings_only(tmp_p
     assert again["replaced_row"]["dice_mean"] == 0.75 and "runs" not in again["replaced_row"]
 
 
-def test_temperature_fit_recovers_a_known_under_confidence_and_keeps_the_labels():
-    rng = np.random.default_rng(0)
-    z = rng.normal(0.0, 2.0, size=(1, 200, 200))
-    labels = (rng.random(z.shape[1:]) < 1.0 / (1.0 + np.exp(-z[0]))).astype(np.float64)
-    under = 1.0 / (1.0 + np.exp(-z / 2.0))  # the calibrated logit halved: T = 0.5 restores it
-    cases = [(under, labels[None], None)]
-    t = fit(cases)
-    assert 0.4 < t < 0.63
-    assert ece(cases, t) < 0.5 * ece(cases, 1.0)
-    assert ((temper(under, t) > 0.5) == (under > 0.5)).all()  # a temperature moves no label
-    three = rng.dirichlet([1.0, 1.0, 1.0], size=(8, 8)).transpose(2, 0, 1)
-    assert np.allclose(temper(three, 1.0), three) and (temper(three, 0.3).argmax(0) == three.argmax(0)).all()
-    fov = np.zeros((200, 200), bool)
-    fov[:100] = True  # pixels outside the FOV do not count
-    assert fit([(under, labels[None], fov)]) == fit([(under[:, :100], labels[None, :100], None)])
+def test_raw_ece_undoes_the_temperature_the_maps_were_written_with(tmp_path):
+    """quality.py --calibrate rows keep the raw ensemble's ECE, recovered from the calibrated maps on disk."""
+    import torch
+    from PIL import Image
+
+    from diffmis.calibration import apply_temperature, calibration_ece, load_cases
+
+    rng = np.random.default_rng(2)
+    for sub in ("raw", "cal", "masks"):
+        (tmp_path / sub).mkdir()
+    for i in range(3):
+        prob = rng.random((1, 16, 16)).astype(np.float32)
+        mask = (rng.random((16, 16)) < prob[0]).astype(np.uint8) * 255
+        np.save(tmp_path / "raw" / f"c{i}.npy", prob)
+        np.save(tmp_path / "cal" / f"c{i}.npy", apply_temperature(torch.from_numpy(prob)[None], 0.4)[0].numpy())
+        Image.fromarray(mask).save(tmp_path / "masks" / f"c{i}.png")
+    raw = calibration_ece(load_cases(tmp_path / "raw", tmp_path / "masks"), 1.0)
+    assert abs(raw_ece(tmp_path / "cal", tmp_path / "masks", None, 0.4) - raw) < 1e-4
+    assert abs(calibration_ece(load_cases(tmp_path / "cal", tmp_path / "masks"), 1.0) - raw) > 1e-3
+
+
+def test_temperature_script_names_a_row_that_was_not_predicted(tmp_path):
+    import temperature
+
+    with pytest.raises(SystemExit, match="predict row 'hidiff@x' with benchmarks/quality.py"):
+        temperature.load(tmp_path / "mni_tune", "val", "hidiff@x")

@@ -243,6 +243,9 @@ class SampleConfig(_Section):
     ensemble: int = Field(1, ge=1)
     fuse: Literal["mean", "staple", "mean_squared"] = "mean"
     threshold: float = Field(0.5, gt=0, lt=1)
+    # temperature of the fused probability (diffmis.calibration; never moves a label); a run's calibration.json,
+    # written by diffmis calibrate, takes precedence
+    temperature: float = Field(1.0, gt=0)
     start_step: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
     use_ema: bool = True

@@ -14,6 +14,7 @@ VERB_LIST: dict[str, str] = {
     "quickstart": "train, predict, evaluate and report on the built-in MNI brain set (CPU, minutes)",
     "train": "train a method from a YAML config",
     "predict": "segment images or volumes with a trained run",
+    "calibrate": "fit a run's probability temperature on held-out images and masks",
     "evaluate": "metrics of predicted masks against reference masks",
     "report": "self-contained HTML report of a run",
     "benchmark": "training and prediction speed of a config on this machine (JSON out)",
@@ -45,6 +46,17 @@ def positive_int(text: str) -> int:
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0 (the message names the value)."""
     return _int_at_least(0, text)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (the message names the value)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffmis.cli.commands import add_threads_argument, nonnegative_int, positive_int
+from diffmis.cli.commands import add_threads_argument, nonnegative_int, positive_float, positive_int
 import sys
 
 HELP = "segment images or volumes with a trained run"
@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true",
                    help="mirror test-time augmentation: average over the flips of every subset of the spatial axes "
                         "(4 passes per image in 2D, 8 per volume in 3D)")
+    p.add_argument("--temperature", type=positive_float, default=None, metavar="T",
+                   help="temperature of the probability maps (labels never move); default: the run's "
+                        "calibration.json (diffmis calibrate), else its sample.temperature; 1 for the raw maps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     pred = Predictor.from_run(args.run, checkpoint=args.checkpoint, device=device, steps=args.steps,
                               ensemble=args.ensemble, fuse=args.fuse, start_step=args.start_step,
                               sampler=args.sampler, precision=args.precision, batch_size=args.batch_size,
-                              prior=prior, seed=args.seed, segmentor_only=args.segmentor_only, tta=args.tta)
+                              prior=prior, seed=args.seed, segmentor_only=args.segmentor_only, tta=args.tta,
+                              temperature=args.temperature)
     if prior_dir is not None:
         from diffmis.errors import ConfigError
 

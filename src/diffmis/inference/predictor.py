@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffmis.calibration import apply_temperature, run_temperature
 from diffmis.checkpoint import load_checkpoint
 from diffmis.config import Config, load_config
 from diffmis.cuda_graphs import StepGraphs
@@ -87,6 +88,8 @@ class Predictor:
             axes (4 passes in 2D, 8 in 3D).
         cuda_graphs: replay the per-step network calls from CUDA graphs (``diffmis.cuda_graphs``); None (the
             default): on for CUDA devices whenever the method has a per-step network. Ignored on CPUs.
+        temperature: applied to the final probability and member mean (``diffmis.calibration``; labels never
+            move); None takes ``sample.temperature`` (:meth:`from_run`: the run's ``calibration.json`` first).
 
     Raises:
         ConfigError: a setting that does not fit the run (a sampler of another family, steps or start step out
@@ -97,7 +100,8 @@ class Predictor:
                  steps: Optional[int] = None, ensemble: Optional[int] = None, fuse: Optional[str] = None,
                  start_step: Optional[int] = None, sampler: Optional[str] = None, precision: Optional[str] = None,
                  batch_size: Optional[int] = None, prior: Optional["Predictor"] = None, seed: int = 0,
-                 tta: bool = False, cuda_graphs: Optional[bool] = None) -> None:
+                 tta: bool = False, cuda_graphs: Optional[bool] = None,
+                 temperature: Optional[float] = None) -> None:
         if device is not None:
             method = method.to(torch.device(device))
         self.method = method.eval()
@@ -110,6 +114,9 @@ class Predictor:
         self.seed = seed
         self.tta = bool(tta)
         self.spatial_dims = cfg.data.spatial_dims
+        self.temperature = float(cfg.sample.temperature if temperature is None else temperature)
+        if not (self.temperature > 0 and np.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be a positive number, got {temperature!r}")
 
         self.ensemble = cfg.sample.ensemble if ensemble is None else int(ensemble)
         if self.ensemble < 1:
@@ -184,6 +191,8 @@ class Predictor:
             device: default CPU.
             segmentor_only: predict with the run's segmentor alone (:meth:`Method.segmentor_module`, e.g. a
                 diffusion method's prior or condition network): one forward pass.
+            temperature: None: the run's ``calibration.json`` where it was fitted for the same network (the whole
+                method or its segmentor alone) and checkpoint, else the config's ``sample.temperature``.
             prior: a :class:`Predictor` or a run folder whose masks start PD-DDPM sampling (see the class).
             **kwargs: sampling settings of :class:`Predictor`.
 
@@ -227,7 +236,13 @@ class Predictor:
             method = SegmentorMethod(seg, cfg.data.num_classes)
         if prior is not None and not isinstance(prior, Predictor):
             prior = cls.from_run(prior, device=dev, ensemble=1, batch_size=kwargs.get("batch_size"))
-        return cls(method, cfg, device=dev, prior=prior, **kwargs)
+        pred = cls(method, cfg, device=dev, prior=prior, **kwargs)
+        if kwargs.get("temperature") is None:
+            pred.temperature = run_temperature(
+                run, segmentor_only=segmentor_only, checkpoint=ck.name, default=pred.temperature,
+                settings={"sampler": pred.sampler, "steps": pred.steps, "ensemble": pred.ensemble, "fuse": pred.fuse,
+                          "start_step": pred.start_step, "tta": pred.tta})
+        return pred
 
     # ---- network space -------------------------------------------------------------------------------------
 
@@ -382,11 +397,7 @@ class Predictor:
             o = {k: v[i: i + 1] for k, v in out.items()}
             if tuple(o["probability"].shape[-2:]) != hw:  # back from image_size to the input's size
                 o = {k: F.interpolate(v, size=hw, mode="bilinear", align_corners=False) for k, v in o.items()}
-            prob = o["probability"].clamp(0.0, 1.0)
-            entropy = entropy_bits(o["mean"].clamp(0.0, 1.0))  # of the (blended, resized) member mean
-            results.append(Prediction(label=hard_labels(prob, self.threshold)[0].numpy(), probability=prob[0].numpy(),
-                                      variance=o["variance"].clamp_min(0.0)[0, 0].numpy(),
-                                      entropy=entropy[0, 0].numpy(), nfe=nfe))
+            results.append(self._result(o, nfe))
         return results
 
     def predict_array(self, image: np.ndarray, source: str = "<array>",
@@ -482,9 +493,17 @@ class Predictor:
         o = self._forward(x, prior)
         if resampled:  # back to the input's grid
             o = {k: F.interpolate(v, size=shape, mode="trilinear", align_corners=False) for k, v in o.items()}
+        return self._result(o, self._nfe)
+
+    def _result(self, o: dict[str, torch.Tensor], nfe: int) -> Prediction:
+        """One image's or volume's named outputs (batch 1, at the input's size) -> :class:`Prediction`: labels from
+        the fused probability, then the temperature on it and on the member mean, whose entropy is the map."""
         prob = o["probability"].clamp(0.0, 1.0)
-        entropy = entropy_bits(o["mean"].clamp(0.0, 1.0))
-        return Prediction(label=hard_labels(prob, self.threshold)[0].numpy(), probability=prob[0].numpy(),
-                          variance=o["variance"].clamp_min(0.0)[0, 0].numpy(), entropy=entropy[0, 0].numpy(),
-                          nfe=self._nfe)
+        label = hard_labels(prob, self.threshold)[0].numpy()
+        mean = o["mean"].clamp(0.0, 1.0)
+        if self.temperature != 1.0:
+            prob, mean = apply_temperature(prob, self.temperature), apply_temperature(mean, self.temperature)
+        entropy = entropy_bits(mean)  # of the (blended, resized) member mean
+        return Prediction(label=label, probability=prob[0].numpy(), variance=o["variance"].clamp_min(0.0)[0, 0].numpy(),
+                          entropy=entropy[0, 0].numpy(), nfe=nfe)
 
