@@ -47,7 +47,9 @@ def _f(v: Any, fmt: str) -> str:
 
 
 def _budget(r: dict[str, Any]) -> str:
-    phases = [f"{x['minutes']:g} ({x['steps']})" for x in r.get("runs", [])]
+    phases = [f"{x['minutes']:.3g} ({x['steps']})" for x in r.get("runs", [])]
+    if "calibration" in r:  # the training seconds a --calibrate run kept back for fitting its temperature
+        phases.append(f"{r['calibration']['reserve_seconds']:g} s kept for calibration")
     return " + ".join(phases)
 
 
@@ -77,6 +79,22 @@ def quality_table(data: dict[str, Any], variant: str = "default") -> str:
         lines.append(f"| {LABEL[m]} | {params} | {_budget(r)} | {_sampler(r)} | {dice} | {r['iou_mean']:.3f} | "
                      f"{r['hd95_mean']:.1f} | {_f(r.get('ece'), '.3f')} | {_f(r.get('error_auroc'), '.3f')} | "
                      f"{r['nfe_per_image']:g} | {r['seconds_per_image']:.2f} |")
+    calibrated = [r for r in data["rows"].values() if r["variant"] == "calibrated" and "calibration" in r]
+    if variant == "default" and calibrated:
+        lines.append("")
+        lines.append("Calibrated runs (`--calibrate`: the same recipe trained again with a few seconds of its budget "
+                     "kept back for fitting one temperature on the held-out val images, which moves no label; "
+                     "ECE raw -> calibrated):")
+        lines.append("")
+        lines.append("| method | minutes (steps) per phase | temperature (val cases, s) | Dice | "
+                     "ECE raw -> calibrated | uncertainty AUROC |")
+        lines.append("|---|---|---:|---:|---:|---:|")
+        for m in ORDER:
+            for r in (x for x in calibrated if x["method"] == m):
+                c = r["calibration"]
+                lines.append(f"| {LABEL[m]} | {_budget(r)} | {c['temperature']:.2f} ({c['n_cases']}, "
+                             f"{c['seconds']:g}) | {r['dice_mean']:.3f} +- {r['dice_std']:.3f} | {_f(r.get('ece_raw'), '.3f')} -> "
+                             f"{_f(r.get('ece'), '.3f')} | {_f(r.get('error_auroc'), '.3f')} |")
     return "\n".join(lines)
 
 
@@ -162,6 +180,25 @@ def targets_table(docs: dict[str, dict[str, Any]]) -> str:
 
     row("5. ECE: best-calibrated diffusion ensemble / UNet (same CPU kind)", lambda r: (
         f"{best_ece(r)['method']} {best_ece(r)['ece']:.3f} / {r['segmentor']['ece']:.3f}"))
+    cal_docs = {d: {x["method"]: x for x in doc["rows"].values() if x["variant"] == "calibrated" and "calibration" in x}
+                for d, doc in docs.items()}
+    if any(cal_docs.values()):
+        cells = []
+        for d, doc in docs.items():
+            cal = cal_docs[d]
+            unet = next((x for x in doc["rows"].values() if x["method"] == "segmentor" and x["variant"] == "default"),
+                        None)
+            diff_rows = [cal[m] for m in DIFFUSION if m in cal]
+            if not diff_rows or unet is None:
+                cells.append("n/a")
+                continue
+            b = min(diff_rows, key=lambda x: x["ece"])
+            cell = f"{b['method']} {b['ece']:.3f} / {unet['ece']:.3f}"
+            if "segmentor" in cal:
+                cell += f" (UNet calibrated too: {cal['segmentor']['ece']:.3f})"
+            cells.append(cell)
+        lines.append("| 5. ECE with a temperature fitted on held-out val images (`--calibrate`) / raw UNet | "
+                     + " | ".join(cells) + " |")
     row("5. uncertainty AUROC of the errors, best diffusion (>= 0.8)", lambda r: (
         f"{max(r[m]['error_auroc'] for m in DIFFUSION if m in r):.3f}"))
     return "\n".join(lines)

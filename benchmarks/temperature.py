@@ -12,8 +12,9 @@ for the check). A temperature ``T`` rescales the fused probability without chang
 spaced); the ECE (top label, 10 bins, pixels pooled, DRIVE inside the FOV: ``benchmarks/quality.py``'s) is
 reported at ``T = 1`` and at the fitted ``T`` on both splits. ``T < 1`` sharpens an under-confident map.
 
-This is an analysis, not a recipe setting: no shipped config applies a temperature, and the quality rows are
-the raw ensembles' and softmaxes'.
+This is an analysis of two runs (the fit from the tuning run, the check on the evaluation run): does a
+temperature carry over? The quality rows are the raw ensembles' and softmaxes', except the ``calibrated`` rows
+(``quality.py --calibrate``), where each run fits its own temperature on held-out images.
 
     python benchmarks/temperature.py --dataset mni --pairs hidiff@segref:hidiff@default \\
         segmentor@default:segmentor@default
