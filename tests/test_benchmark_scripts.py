@@ -170,3 +170,29 @@ def test_temperature_script_names_a_row_that_was_not_predicted(tmp_path):
 
     with pytest.raises(SystemExit, match="predict row 'hidiff@x' with benchmarks/quality.py"):
         temperature.load(tmp_path / "mni_tune", "val", "hidiff@x")
+
+
+def test_calibrated_rows_get_their_own_table_and_target_row():
+    def row(method, variant, ece, cal=None, dice=0.9):
+        r = {"method": method, "variant": variant, "dice_mean": dice, "dice_std": 0.01, "iou_mean": 0.8,
+             "hd95_mean": 1.0, "ece": ece, "error_auroc": 0.97, "nfe_per_image": 1, "seconds_per_image": 0.1,
+             "params": 1e6, "budget_minutes": 5, "runs": [{"phase": "method", "minutes": 5 - 1 / 6, "steps": 100}],
+             "cpu": {"model": "X", "isa": "AVX2", "threads": 2}}
+        if cal is not None:
+            r["calibration"] = {"temperature": cal, "n_cases": 28, "seconds": 5.5, "reserve_seconds": 10.0}
+            r["ece_raw"] = 0.04
+        return r
+
+    doc = {"rows": {"segmentor@default": row("segmentor", "default", 0.013),
+                    "hidiff@default": row("hidiff", "default", 0.032),
+                    "hidiff_segmentor@default": row("hidiff_segmentor", "default", 0.015),
+                    "hidiff@calibrated": row("hidiff", "calibrated", 0.002, cal=0.3),
+                    "segmentor@calibrated": row("segmentor", "calibrated", 0.004, cal=0.65)},
+           "n_cases": 24, "eval_split": "test", "environment": {}}
+    table = render.quality_table(doc)
+    line = next(x for x in table.splitlines() if x.startswith("| HiDiff (refined) |") and "kept for" in x)
+    assert "4.83 (100) + 10 s kept for calibration" in line and "| 0.30 (28, 5.5) |" in line
+    assert "| 0.040 -> 0.002 |" in line
+    targets = render.targets_table({"mni": doc})
+    assert "| hidiff 0.002 / 0.013 (UNet calibrated too: 0.004) |" in targets
+    assert "| hidiff 0.032 / 0.013 |" in targets  # the raw row stays as it was
