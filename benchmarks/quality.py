@@ -20,7 +20,7 @@ Protocol (one run at a time, all cores, precision auto; the JSON records CPU, fl
 * Methods with a segmentor also get a row of that segmentor alone (``<method>_segmentor``), from the same run.
 * ``--calibrate`` (evaluation protocol, MNI and DRIVE): the method's run reserves ``--calibrate-seconds`` of its
   budget, then fits its probability temperature on the held-out ``val`` images (never trained on, never reported:
-  ``diffmis.calibration.calibrate_run``) and predicts with it; the row keeps the raw ECE too (``ece_raw``). Its
+  ``diffmis.inference.calibrate_run``) and predicts with it; the row keeps the raw ECE too (``ece_raw``). Its
   segmentor row stays raw.
 
 ``--variant NAME --set KEY=VALUE ...`` adds a named row with overrides (the ablations of the recipe levers);
@@ -141,7 +141,7 @@ def cpu_record(cpu: dict[str, Any], threads: Optional[int], source: Optional[str
 def train_run(cfg_name: str, name: str, minutes: float, work: Path, sets: list[str]) -> dict[str, Any]:
     cfg = load_config(cfg_name, [f"experiment.output_dir={work / 'runs'}", f"experiment.name={name}",
                                  f"train.max_minutes={minutes}", "train.max_steps=100000000", "train.val_every=0",
-                                 "train.ckpt_every=0", "train.progress=false", *sets])
+                                 "train.ckpt_every=0", "train.progress=false", "train.calibrate=false", *sets])
     run_dir = work / "runs" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -209,7 +209,8 @@ def predict_score(run_dir: str, name: str, images: list[Path], work: Path, ref_d
 
 def raw_ece(prob_dir: Path, ref_dir: Path, fov_dir: Optional[Path], temperature: float) -> float:
     """The ECE the maps of ``prob_dir`` had before ``temperature`` was applied to them (it is invertible)."""
-    from diffmis.calibration import calibration_ece, load_cases
+    from diffmis.calibration import calibration_ece
+    from diffmis.inference import load_cases
 
     return calibration_ece(load_cases(prob_dir, ref_dir, fov_dir), 1.0 / temperature)
 
@@ -382,7 +383,7 @@ def main() -> None:
     k = cfg0.data.num_classes
     calibrate = None
     if args.calibrate:
-        from diffmis.calibration import calibrate_run
+        from diffmis.inference import calibrate_run
 
         cal_images, cal_refs, cal_fov = split_files(root, CALIBRATION_SPLIT[args.dataset], work, cfg0.data)
 

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, write_result  # noqa: E402
 from quality import EVAL_SPLIT  # noqa: E402
 
-from diffmis.calibration import GRID, Case, calibration_ece, fit_temperature, load_cases, temperature_nll  # noqa: E402
+from diffmis.calibration import GRID, Case, calibration_ece, fit_temperature, temperature_nll  # noqa: E402
+from diffmis.inference import load_cases  # noqa: E402
 
 
 def load(work: Path, split: str, row: str) -> list[Case]:

@@ -149,7 +149,8 @@ def test_raw_ece_undoes_the_temperature_the_maps_were_written_with(tmp_path):
     import torch
     from PIL import Image
 
-    from diffmis.calibration import apply_temperature, calibration_ece, load_cases
+    from diffmis.calibration import apply_temperature, calibration_ece
+    from diffmis.inference import load_cases
 
     rng = np.random.default_rng(2)
     for sub in ("raw", "cal", "masks"):

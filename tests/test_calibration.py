@@ -12,12 +12,11 @@ import torch
 from _tiny import tiny_config
 from PIL import Image
 
-from diffmis.calibration import (apply_temperature, calibrate_run, calibration_ece, fit_temperature,
-                                 temperature_nll)
+from diffmis.calibration import apply_temperature, calibration_ece, fit_temperature, temperature_nll
 from diffmis.cli.main import main
 from diffmis.config import config_from_dict
-from diffmis.errors import CheckpointError, ConfigError
-from diffmis.inference import Predictor, find_inputs
+from diffmis.errors import CheckpointError, ConfigError, DataError
+from diffmis.inference import Predictor, calibrate_run, find_inputs
 from diffmis.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,7 +93,8 @@ def held_out(tmp_path_factory):
     return root
 
 
-def test_calibrate_run_writes_the_temperature_and_prediction_applies_it(held_out):
+def test_calibrate_run_writes_the_temperature_and_prediction_applies_it(held_out, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFMIS_NO_MALLOC_TUNING", "1")
     run, images = held_out / "hidiff", held_out / "images"
     img = np.asarray(Image.open(images / "c0.png"))
     raw = Predictor.from_run(run).predict_array(img)
@@ -106,7 +106,7 @@ def test_calibrate_run_writes_the_temperature_and_prediction_applies_it(held_out
     assert stored["predict"]["ensemble"] == 3 and not stored["segmentor_only"]
     assert rec["nll"]["fitted"] <= rec["nll"]["t1"] + 1e-12  # T = 1 is on the grid: the fit is never worse
     pred = Predictor.from_run(run)
-    assert pred.temperature == t
+    assert pred.temperature == t and pred.temperature_source == str(run / "calibration.json")
     cal = pred.predict_array(img)
     np.testing.assert_array_equal(cal.label, raw.label)  # labels never move
     expect = apply_temperature(torch.from_numpy(raw.probability)[None], t)[0].numpy()
@@ -118,6 +118,10 @@ def test_calibrate_run_writes_the_temperature_and_prediction_applies_it(held_out
     assert Predictor.from_run(run, segmentor_only=True).temperature == 1.0
     with pytest.warns(UserWarning, match="other sampling settings.*ensemble 3 -> 1"):
         assert Predictor.from_run(run, ensemble=1).temperature == t
+    # the CLI says which temperature it applies, and from where
+    assert main(["predict", "--run", str(run), "--input", str(images / "c0.png"), "--output",
+                 str(held_out / "out_cal"), "--no-progress", "--threads", "1"]) == 0
+    assert f"temperature {t:.3g} ({run / 'calibration.json'})" in capsys.readouterr().err
     # a second fit keeps the record it replaces
     calibrate_run(run, find_inputs(images), held_out / "masks", log=lambda s: None)
     assert json.loads((run / "calibration.json").read_text())["previous"]["temperature"] == t
@@ -189,3 +193,44 @@ def test_sample_temperature_in_the_config(held_out, tmp_path):
     with pytest.raises(ConfigError, match="temperature"):
         Predictor.from_run(run)
 
+
+
+def test_train_calibrate_fits_on_the_val_split_after_training(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("DIFFMIS_NO_MALLOC_TUNING", "1")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config("hidiff", tmp_path, steps=2, calibrate=True)))
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--threads", "1"]) == 0
+    assert "calibrated on 2 'val' case(s)" in capsys.readouterr().out  # the synthetic set's 2 val images
+    rec = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    assert rec["split"] == "val" and rec["n_cases"] == 2
+    assert Predictor.from_run(tmp_path / "run").temperature == rec["temperature"]
+    # a run stopped early (--stop-after) is not finished: not calibrated
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run2"), "--stop-after", "1", "--threads", "1"]) == 0
+    assert not (tmp_path / "run2" / "calibration.json").exists()
+    # from Python: diffmis.inference.calibrate_split after train(), the same record
+    from diffmis.inference import calibrate_split
+
+    again = calibrate_split(tmp_path / "run", write=False)
+    assert again["temperature"] == rec["temperature"] and again["n_cases"] == 2
+
+
+def test_train_calibrate_refuses_what_it_cannot_do_before_training(tmp_path):
+    from diffmis.data.synthetic import write_synthetic
+
+    root = write_synthetic(tmp_path / "data", 8, size=(32, 32), channels=1)
+    (root / "splits" / "val.txt").write_text("")  # a val split without cases: named before any training step
+    d = tiny_config("hidiff", tmp_path, steps=2, calibrate=True)
+    d["data"].update(kind="folder", root=str(root))
+    with pytest.raises(DataError, match=r"val\.txt: empty split"):
+        train(config_from_dict(d), tmp_path / "run", log=lambda s: None)
+    assert not (tmp_path / "run" / "checkpoints" / "last").exists()
+    (root / "splits" / "val.txt").unlink()  # no val split at all
+    with pytest.raises(DataError, match="val"):
+        train(config_from_dict(d), tmp_path / "run", log=lambda s: None)
+    assert not (tmp_path / "run" / "checkpoints" / "last").exists()
+    from diffmis.config import load_config
+
+    with pytest.raises(ConfigError, match="train.calibrate fits on 2D runs.*diffmis calibrate"):
+        load_config("hidiff_mni3d", ["train.calibrate=true"])

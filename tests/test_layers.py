@@ -24,7 +24,7 @@ LAYERS = {
     "schedulers": 2,
     "models": 3,
     "data": 4, "losses": 4, "metrics": 4,
-    "sampling": 5, "cuda_graphs": 5, "ensemble": 5, "checkpoint": 5, "windows": 5,
+    "sampling": 5, "cuda_graphs": 5, "ensemble": 5, "checkpoint": 5, "windows": 5, "calibration": 5,
     "methods": 6,
     "training": 7, "inference": 7, "evaluation": 7, "report": 7,
     "benchmarking": 8, "quickstart": 8,

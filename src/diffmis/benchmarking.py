@@ -72,7 +72,7 @@ def speed_profile(config: str | Path, overrides: tuple[str, ...] = (), *, steps:
             "data.patch_size=null", f"data.synthetic.n_train={max(2 * bs, 8)}", "data.synthetic.n_val=1",
             "data.synthetic.n_test=1", f"train.batch_size={bs}", f"train.max_steps={warmup + steps}",
             "train.log_every=1", "train.val_every=0", "train.ckpt_every=0", "train.progress=false",
-            "train.max_minutes=null", "train.grad_accum=1"]
+            "train.max_minutes=null", "train.grad_accum=1", "train.calibrate=false"]
     sets.append("train.pretrain_steps=0")  # every timed step is a full training iteration (e.g. HiDiff's two)
     if precision:
         sets.append(f"train.precision={precision}")

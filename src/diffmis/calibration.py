@@ -10,17 +10,16 @@ over-confident one. :func:`fit_temperature` picks the ``T`` of the lowest negati
 labels on a grid of 121 values (0.05 to 5, log spaced). The cases must be held out from training: a fit on
 training cases measures how sure the network is of what it has seen.
 
-:func:`calibrate_run` (``diffmis calibrate``) predicts held-out images with a run, fits ``T`` and writes it to
-``<run>/calibration.json``; :meth:`diffmis.inference.Predictor.from_run` applies it from then on (an explicit
-``temperature=`` wins; ``temperature=1`` predicts the raw maps).
+This module is the arithmetic and the run's ``calibration.json`` record (layer 5). Predicting held-out images
+with a run and fitting on them is :mod:`diffmis.inference.calibrate` (``diffmis calibrate``, ``train.calibrate``);
+:meth:`diffmis.inference.Predictor.from_run` applies the record (an explicit ``temperature=`` wins;
+``temperature=1`` predicts the raw maps).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
@@ -30,10 +29,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from diffmis.errors import CheckpointError, DataError, InputError
+from diffmis.errors import CheckpointError, InputError
 
-__all__ = ["GRID", "CALIBRATION_FILE", "Case", "apply_temperature", "load_cases", "temperature_nll",
-           "fit_temperature", "calibration_ece", "calibrate_run", "read_calibration", "run_temperature"]
+__all__ = ["GRID", "CALIBRATION_FILE", "Case", "apply_temperature", "temperature_nll", "fit_temperature",
+           "calibration_ece", "fit_record", "read_calibration", "run_temperature"]
 
 GRID = np.geomspace(0.05, 5.0, 121)
 EPS = 1e-7
@@ -59,40 +58,6 @@ def apply_temperature(prob: torch.Tensor, temperature: float, dim: int = 1) -> t
     p = work.clamp_min(EPS)
     logp = torch.log(p / p.sum(dim=dim, keepdim=True))
     return torch.softmax(logp / temperature, dim=dim).to(prob.dtype)
-
-
-def load_cases(prob_dir: PathLike, mask_dir: PathLike, fov_dir: Optional[PathLike] = None) -> list[Case]:
-    """``(prob, target, fov)`` per probability map (``<id>.npy``, ``(K, *spatial)`` or ``(*spatial)`` for K = 1) of
-    ``prob_dir``, with the reference mask of the same stem in ``mask_dir`` (one-hot) and its FOV in ``fov_dir``.
-
-    Raises:
-        InputError: no probability maps, or a map without a reference mask.
-        DataError: a mask whose labels do not fit the map's channels, or whose shape differs.
-    """
-    from diffmis.data import LABEL_SUFFIXES
-    from diffmis.evaluation import index_files, read_scored_labels
-    from diffmis.masks import one_hot
-
-    prob_dir = Path(prob_dir)
-    probs = index_files(prob_dir, (".npy",), "probability") if prob_dir.is_dir() else {}
-    if not probs:
-        raise InputError(f"no probability maps (.npy) in {prob_dir}")
-    masks = index_files(mask_dir, LABEL_SUFFIXES, "reference")
-    fovs = index_files(fov_dir, LABEL_SUFFIXES, "FOV") if fov_dir is not None else {}
-    cases = []
-    for case, f in sorted(probs.items()):
-        if case not in masks:
-            raise InputError(f"no reference mask for case '{case}' in {mask_dir}")
-        labels, _ = read_scored_labels(masks[case])
-        prob = np.load(f).astype(np.float64)
-        prob = prob[None] if prob.ndim == labels.ndim else prob
-        if tuple(prob.shape[1:]) != tuple(labels.shape):
-            raise DataError(f"{masks[case]}: the mask is {tuple(labels.shape)}, its probability map "
-                            f"{tuple(prob.shape[1:])}")
-        target = one_hot(labels, prob.shape[0], dim=0, check=True).numpy().astype(np.float64)
-        fov = read_scored_labels(fovs[case])[0] > 0 if case in fovs else None
-        cases.append((np.clip(prob, 0.0, 1.0), target, fov))
-    return cases
 
 
 def _pixels(cases: Sequence[Case], max_pixels: Optional[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,53 +170,23 @@ def run_temperature(run: PathLike, *, segmentor_only: bool, checkpoint: str, set
     return float(rec["temperature"])
 
 
-def calibrate_run(run: PathLike, inputs: Sequence[Any], mask_dir: PathLike, fov_dir: Optional[PathLike] = None, *,
-                  checkpoint: str = "best", write: bool = True, max_pixels: Optional[int] = 4_000_000,
-                  log: Callable[[str], None] = print, **predict_kw: Any) -> dict[str, Any]:
-    """Predict ``inputs`` (held-out images, as :func:`diffmis.inference.predict_paths` takes them) with the run's
-    raw maps (temperature 1), fit a temperature against the reference masks of ``mask_dir`` (and the FOVs of
-    ``fov_dir``), and write it to ``<run>/calibration.json`` (``write=False``: only return it). The record keeps
-    the file it replaces under ``previous``.
-
-    ``predict_kw``: :meth:`Predictor.from_run` settings (device, ensemble, steps, batch_size, ...); the record
-    names the settings the temperature was fitted with.
-
-    Returns:
-        the record: ``temperature``, ``nll`` and ``ece`` at 1 and at the fit, the cases and pixels, seconds.
-
-    Raises:
-        CheckpointError, ConfigError: as :meth:`Predictor.from_run`. InputError / DataError: no inputs, a case
-        without a reference, a reference that does not fit. RuntimeError: a case failed to predict.
-    """
-    from diffmis.inference import Predictor, predict_paths
-
-    t0 = time.time()
-    run = Path(run)
-    if not inputs:
-        raise InputError("no images to calibrate on")
-    previous = read_calibration(run) if write else None
-    pred = Predictor.from_run(run, checkpoint=checkpoint, temperature=1.0, **predict_kw)
-    resolved = "best" if checkpoint == "best" and (run / "checkpoints" / "best").is_dir() else "last"
-    tmp = Path(tempfile.mkdtemp(prefix="calibrate_", dir=run))
-    try:
-        s = predict_paths(pred, inputs, tmp, save_prob=True, overwrite=True, progress=False, log=log)
-        if s.failed:
-            raise RuntimeError("calibration: prediction failed for " + "; ".join(s.failed.values()))
-        cases = load_cases(tmp / "prob", mask_dir, fov_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def fit_record(run: Path, cases: list[Case], settings: dict[str, Any], checkpoint: str,
+               previous: Optional[dict[str, Any]], write: bool, max_pixels: Optional[int], t0: float,
+               log: Callable[[str], None], source: dict[str, Any], segmentor_only: bool) -> dict[str, Any]:
+    """Fit the temperature of ``cases`` (a run's raw maps, predicted with the sampling ``settings`` from
+    ``checkpoint``), build the record (see :func:`diffmis.inference.calibrate_run`) and write it to
+    ``run/calibration.json`` unless ``write`` is False; ``previous``, the record it replaces, is kept in it."""
     t = fit_temperature(cases, max_pixels=max_pixels)
     n_pixels = int(sum(int(c[2].sum()) if c[2] is not None else int(np.prod(c[0].shape[1:])) for c in cases))
     rec: dict[str, Any] = {
         "temperature": t,
-        "segmentor_only": bool(predict_kw.get("segmentor_only", False)),
-        "checkpoint": resolved,
-        "predict": {"sampler": pred.sampler, "steps": pred.steps, "ensemble": pred.ensemble, "fuse": pred.fuse,
-                    "start_step": pred.start_step, "tta": pred.tta},
+        "segmentor_only": segmentor_only,
+        "checkpoint": checkpoint,
+        "predict": dict(settings),
         "nll": {"t1": temperature_nll(cases, 1.0, max_pixels), "fitted": temperature_nll(cases, t, max_pixels)},
         "ece": {"t1": calibration_ece(cases, 1.0), "fitted": calibration_ece(cases, t)},
         "n_cases": len(cases), "n_pixels": n_pixels, "fit_pixels": min(n_pixels, max_pixels or n_pixels),
-        "masks": str(Path(mask_dir).resolve()), "fov": str(Path(fov_dir).resolve()) if fov_dir else None,
+        **source,
         "grid": [float(GRID[0]), float(GRID[-1]), len(GRID)],
         "seconds": round(time.time() - t0, 2),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -233,6 +233,10 @@ class TrainConfig(_Section):
     # train.prior_run's weights (the mask channels of the first convolution at zero) instead of from scratch;
     # auto: where a train.prior_run is given and the denoiser is a segmentor
     denoiser_from_prior: Union[bool, Literal["auto"]] = False
+    # after training, fit the probability temperature on the data.val_split images and write RUN/calibration.json,
+    # which predictions apply (2D runs; volumes: diffmis calibrate on the files). Done by diffmis train and the
+    # quickstart; from Python, diffmis.inference.calibrate_split(run) after diffmis.training.train(cfg)
+    calibrate: bool = False
     progress: bool = True
 
 
@@ -270,6 +274,9 @@ class Config(_Section):
                     f"diffusion.schedule='linear' is invalid for timesteps={d.timesteps}: its betas reach "
                     f"{s * 0.02:.2f} >= 1; use 'cosine', 'cosine2' or 'alpha_bar_linear'"
                 )
+        if self.train.calibrate and self.data.spatial_dims == 3:
+            raise ValueError("train.calibrate fits on 2D runs' val images; for a 3D run, fit after training on "
+                             "held-out volumes: diffmis calibrate --run RUN --input IMAGES --masks LABELS")
         if self.sample.start_step is not None and self.sample.start_step > d.timesteps:
             raise ValueError(
                 f"sample.start_step={self.sample.start_step} exceeds diffusion.timesteps={d.timesteps}"

@@ -39,10 +39,10 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from diffmis.calibration import CALIBRATION_FILE, calibrate_run
+    from diffmis.calibration import CALIBRATION_FILE
     from diffmis.config import load_config
     from diffmis.errors import CheckpointError, InputError
-    from diffmis.inference import find_inputs
+    from diffmis.inference import calibrate_run, find_inputs
 
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {args.device}: CUDA is not available on this machine")

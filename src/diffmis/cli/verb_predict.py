@@ -87,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--prior needs a Gaussian diffusion run; {args.run} is {pred.cfg.experiment.recipe}")
         if pred.start_step is None:
             raise ConfigError("--prior masks need a start step: --start-step (the run has no sample.start_step)")
+    if pred.temperature != 1.0:
+        source = "--temperature" if args.temperature is not None else pred.temperature_source
+        print(f"predict: probability and entropy maps at temperature {pred.temperature:.3g} ({source}); labels "
+              f"unchanged (--temperature 1 for the raw maps)", file=sys.stderr)
     inputs = find_inputs(args.input, pred.in_channels)
     s = predict_paths(pred, inputs, args.output, save_prob=args.prob, save_uncertainty=args.uncertainty,
                       overwrite=args.overwrite, prior_dir=prior_dir, progress=not args.no_progress,

@@ -33,4 +33,12 @@ def run(args: argparse.Namespace) -> int:
         if res.best_dice is not None:
             msg += f"; best val Dice {res.best_dice:.4f}"
         print(msg)
+        if cfg.train.calibrate and res.stopped != "stop_after":
+            from diffmis.calibration import CALIBRATION_FILE
+            from diffmis.inference import calibrate_split
+
+            rec = calibrate_split(res.run_dir)
+            print(f"calibrated on {rec['n_cases']} '{rec['split']}' case(s) in {rec['seconds']:.1f} s: temperature "
+                  f"{rec['temperature']:.3g}, ECE {rec['ece']['t1']:.4f} -> {rec['ece']['fitted']:.4f} on them -> "
+                  f"{res.run_dir / CALIBRATION_FILE}")
     return 0

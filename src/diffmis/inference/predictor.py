@@ -115,6 +115,7 @@ class Predictor:
         self.tta = bool(tta)
         self.spatial_dims = cfg.data.spatial_dims
         self.temperature = float(cfg.sample.temperature if temperature is None else temperature)
+        self.temperature_source = "sample.temperature" if temperature is None else "argument"
         if not (self.temperature > 0 and np.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be a positive number, got {temperature!r}")
 
@@ -238,10 +239,12 @@ class Predictor:
             prior = cls.from_run(prior, device=dev, ensemble=1, batch_size=kwargs.get("batch_size"))
         pred = cls(method, cfg, device=dev, prior=prior, **kwargs)
         if kwargs.get("temperature") is None:
-            pred.temperature = run_temperature(
+            t = run_temperature(
                 run, segmentor_only=segmentor_only, checkpoint=ck.name, default=pred.temperature,
                 settings={"sampler": pred.sampler, "steps": pred.steps, "ensemble": pred.ensemble, "fuse": pred.fuse,
                           "start_step": pred.start_step, "tta": pred.tta})
+            if t != pred.temperature:
+                pred.temperature, pred.temperature_source = t, str(run / "calibration.json")
         return pred
 
     # ---- network space -------------------------------------------------------------------------------------

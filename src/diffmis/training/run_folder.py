@@ -103,7 +103,7 @@ class Position:
 RESUMABLE_CHANGES = ("experiment.output_dir", "experiment.name", "data.root", "data.num_workers", "data.cache",
                      "train.max_steps", "train.max_minutes", "train.val_every", "train.val_max_batches",
                      "train.log_every", "train.ckpt_every", "train.progress", "train.precision", "train.channels_last",
-                     "sample.")
+                     "train.calibrate", "sample.")
 
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

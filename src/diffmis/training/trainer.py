@@ -192,6 +192,9 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
     random.seed(seed + info.rank)
     train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False) if tc.val_every > 0 else None
+    if tc.calibrate and val_ds is None:  # the split train.calibrate fits on after the run: a missing or empty one
+        # fails now, not after the training (the fit itself is diffmis.inference.calibrate_split's)
+        build_dataset(cfg.data, cfg.data.val_split, train=False)
 
     # ---- method, optimizers, EMA, precision chosen for this device ----
     hw = resolve_for(tc.precision, tc.channels_last, device, cfg.data.spatial_dims)
@@ -330,6 +333,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
     return TrainResult(run_dir=folder.root, step=pos.step, stopped=stopped, best_dice=pos.best, last_val=last_val,
                        images_per_s=total_imgs / elapsed if elapsed > 0 and total_imgs else None,
                        seconds=time.time() - t_start, method=method)
+
 
 
 def _progress(cfg: Config, initial: int) -> Any:
