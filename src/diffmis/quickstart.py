@@ -5,7 +5,8 @@
 2. sizes the training to the machine: it times a few segmentor steps and HiDiff steps here, then plans a
    segmentor phase and an alternate-collaborative HiDiff phase (a fixed recipe scaled to fit the budget, at
    96x96, or 64x64 where even the smallest plan would not fit) and prints the plan;
-3. trains HiDiff (a UNet segmentor and the BBDM refiner, T = 10) with that plan;
+3. trains HiDiff (a UNet segmentor and the BBDM refiner, T = 10) with that plan, then fits its probability
+   temperature on the val slices (the recipe's ``train.calibrate``; labels do not move);
 4. predicts the test slices with the segmentor alone and with HiDiff (ensemble with uncertainty maps);
 5. evaluates both (Dice, IoU, HD95, ASSD) and writes the HTML report; prints a table and the report path.
 
