@@ -93,8 +93,9 @@ def quality_table(data: dict[str, Any], variant: str = "default") -> str:
             for r in (x for x in calibrated if x["method"] == m):
                 c = r["calibration"]
                 lines.append(f"| {LABEL[m]} | {_budget(r)} | {c['temperature']:.2f} ({c['n_cases']}, "
-                             f"{c['seconds']:g}) | {r['dice_mean']:.3f} +- {r['dice_std']:.3f} | {_f(r.get('ece_raw'), '.3f')} -> "
-                             f"{_f(r.get('ece'), '.3f')} | {_f(r.get('error_auroc'), '.3f')} |")
+                             f"{c['seconds']:g}) | {r['dice_mean']:.3f} +- {r['dice_std']:.3f} | "
+                             f"{_f(r.get('ece_raw'), '.3f')} -> {_f(r.get('ece'), '.3f')} | "
+                             f"{_f(r.get('error_auroc'), '.3f')} |")
     return "\n".join(lines)
 
 

@@ -29,6 +29,13 @@ def _settings(pred: Predictor) -> dict[str, Any]:
             "start_step": pred.start_step, "tta": pred.tta}
 
 
+def _raw_predictor(run: Path, checkpoint: str, predict_kw: dict[str, Any]) -> tuple[Predictor, str]:
+    """The run's predictor at temperature 1 (the raw maps a temperature is fitted to), and the checkpoint it
+    loaded (``best`` falls back to ``last``, as :meth:`Predictor.from_run` does)."""
+    pred = Predictor.from_run(run, checkpoint=checkpoint, temperature=1.0, **predict_kw)
+    return pred, "best" if checkpoint == "best" and (run / "checkpoints" / "best").is_dir() else "last"
+
+
 def load_cases(prob_dir: PathLike, mask_dir: PathLike, fov_dir: Optional[PathLike] = None) -> list[Case]:
     """``(prob, target, fov)`` per probability map (``<id>.npy``, ``(K, *spatial)`` or ``(*spatial)`` for K = 1) of
     ``prob_dir``, with the reference mask of the same stem in ``mask_dir`` (one-hot) and its FOV in ``fov_dir``.
@@ -86,8 +93,7 @@ def calibrate_run(run: PathLike, inputs: Sequence[Any], mask_dir: PathLike, fov_
     if not inputs:
         raise InputError("no images to calibrate on")
     previous = read_calibration(run) if write else None
-    pred = Predictor.from_run(run, checkpoint=checkpoint, temperature=1.0, **predict_kw)
-    resolved = "best" if checkpoint == "best" and (run / "checkpoints" / "best").is_dir() else "last"
+    pred, resolved = _raw_predictor(run, checkpoint, predict_kw)
     tmp = Path(tempfile.mkdtemp(prefix="calibrate_", dir=run))
     try:
         s = predict_paths(pred, inputs, tmp, save_prob=True, overwrite=True, progress=False, log=log)
@@ -96,10 +102,9 @@ def calibrate_run(run: PathLike, inputs: Sequence[Any], mask_dir: PathLike, fov_
         cases = load_cases(tmp / "prob", mask_dir, fov_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return fit_record(run, cases, _settings(pred), resolved, previous, write, max_pixels, t0, log,
-                           {"masks": str(Path(mask_dir).resolve()),
-                            "fov": str(Path(fov_dir).resolve()) if fov_dir else None},
-                           bool(predict_kw.get("segmentor_only", False)))
+    source = {"masks": str(Path(mask_dir).resolve()), "fov": str(Path(fov_dir).resolve()) if fov_dir else None}
+    return fit_record(run, cases, _settings(pred), resolved, previous, write, max_pixels, t0, log, source,
+                      bool(predict_kw.get("segmentor_only", False)))
 
 
 def calibrate_split(run: PathLike, split: Optional[str] = None, *, checkpoint: str = "best", write: bool = True,
@@ -131,8 +136,7 @@ def calibrate_split(run: PathLike, split: Optional[str] = None, *, checkpoint: s
     if len(ds) == 0:
         raise InputError(f"the '{split}' split of the run's data has no cases to calibrate on")
     previous = read_calibration(run) if write else None
-    pred = Predictor.from_run(run, checkpoint=checkpoint, temperature=1.0, **predict_kw)
-    resolved = "best" if checkpoint == "best" and (run / "checkpoints" / "best").is_dir() else "last"
+    pred, resolved = _raw_predictor(run, checkpoint, predict_kw)
     raws = [(ds.ids[i], *ds.source.load(i)) for i in range(len(ds))]
     cases: list[Case] = []
     start = 0
@@ -148,8 +152,6 @@ def calibrate_split(run: PathLike, split: Optional[str] = None, *, checkpoint: s
             cases.append((out.probability.astype(np.float64), target.astype(np.float64),
                           None if fov is None else np.asarray(fov) > 0))
         start = end
-    return fit_record(run, cases, _settings(pred), resolved, previous, write, max_pixels, t0, log,
-                           {"split": split, "data": str(cfg.data.root or cfg.data.kind)},
-                           bool(predict_kw.get("segmentor_only", False)))
-
-
+    source = {"split": split, "data": str(cfg.data.root or cfg.data.kind)}
+    return fit_record(run, cases, _settings(pred), resolved, previous, write, max_pixels, t0, log, source,
+                      bool(predict_kw.get("segmentor_only", False)))
