@@ -32,7 +32,7 @@ import torch
 from diffmis.errors import CheckpointError, InputError
 
 __all__ = ["GRID", "CALIBRATION_FILE", "Case", "apply_temperature", "temperature_nll", "fit_temperature",
-           "calibration_ece", "fit_record", "read_calibration", "run_temperature"]
+           "calibration_ece", "fit_record", "read_calibration", "run_temperature", "summary"]
 
 GRID = np.geomspace(0.05, 5.0, 121)
 EPS = 1e-7
@@ -202,3 +202,10 @@ def fit_record(run: Path, cases: list[Case], settings: dict[str, Any], checkpoin
         tmp_file.write_text(json.dumps(rec, indent=1) + "\n")
         tmp_file.replace(out)
     return rec
+
+
+def summary(rec: dict[str, Any]) -> str:
+    """One line of a calibration record: where it was fitted, the temperature, the ECE before and after there."""
+    where = f"'{rec['split']}' " if "split" in rec else "held-out "
+    return (f"calibrated on {rec['n_cases']} {where}case(s) in {rec['seconds']:.1f} s: temperature "
+            f"{rec['temperature']:.3g}, ECE {rec['ece']['t1']:.4f} -> {rec['ece']['fitted']:.4f} on them")

@@ -229,11 +229,10 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 5.0, seed: i
     result = train(cfg, out / "runs" / cfg.experiment.name)
     run_dir = result.run_dir
     if cfg.train.calibrate:  # the recipe's train.calibrate: a temperature from the val slices
+        from diffmis.calibration import summary
         from diffmis.inference import calibrate_split
 
-        rec = calibrate_split(run_dir, log=log)
-        log(f"      calibrated on {rec['n_cases']} val slices: temperature {rec['temperature']:.3g}, ECE "
-            f"{rec['ece']['t1']:.4f} -> {rec['ece']['fitted']:.4f}")
+        log(f"      {summary(calibrate_split(run_dir, log=log))}")
 
     log(f"[4/5] predicting the test slices: segmentor alone, and HiDiff ({cfg.sample.ensemble}-member ensemble + "
         "uncertainty)")
@@ -322,12 +321,6 @@ def run_quickstart_3d(out: str | Path = "quickstart3d", minutes: float = 5.0, se
     log(f"[3/5] training HiDiff in 3D (UNet segmentor + BBDM refiner, T=10): {plan.steps} steps")
     result = train(cfg, out / "runs" / cfg.experiment.name)
     run_dir = result.run_dir
-    if cfg.train.calibrate:  # the recipe's train.calibrate: a temperature from the val slices
-        from diffmis.inference import calibrate_split
-
-        rec = calibrate_split(run_dir, log=log)
-        log(f"      calibrated on {rec['n_cases']} val slices: temperature {rec['temperature']:.3g}, ECE "
-            f"{rec['ece']['t1']:.4f} -> {rec['ece']['fitted']:.4f}")
 
     log(f"[4/5] predicting the test volume(s) with sliding windows: segmentor alone, and HiDiff "
         f"({cfg.sample.ensemble}-member ensemble + uncertainty)")

@@ -34,11 +34,8 @@ def run(args: argparse.Namespace) -> int:
             msg += f"; best val Dice {res.best_dice:.4f}"
         print(msg)
         if cfg.train.calibrate and res.stopped != "stop_after":
-            from diffmis.calibration import CALIBRATION_FILE
+            from diffmis.calibration import CALIBRATION_FILE, summary
             from diffmis.inference import calibrate_split
 
-            rec = calibrate_split(res.run_dir)
-            print(f"calibrated on {rec['n_cases']} '{rec['split']}' case(s) in {rec['seconds']:.1f} s: temperature "
-                  f"{rec['temperature']:.3g}, ECE {rec['ece']['t1']:.4f} -> {rec['ece']['fitted']:.4f} on them -> "
-                  f"{res.run_dir / CALIBRATION_FILE}")
+            print(f"{summary(calibrate_split(res.run_dir))} -> {res.run_dir / CALIBRATION_FILE}")
     return 0

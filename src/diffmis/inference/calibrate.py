@@ -23,12 +23,6 @@ __all__ = ["load_cases", "calibrate_run", "calibrate_split"]
 PathLike = Union[str, Path]
 
 
-def _settings(pred: Predictor) -> dict[str, Any]:
-    """The sampling settings a temperature is fitted with (:func:`diffmis.calibration.run_temperature` compares)."""
-    return {"sampler": pred.sampler, "steps": pred.steps, "ensemble": pred.ensemble, "fuse": pred.fuse,
-            "start_step": pred.start_step, "tta": pred.tta}
-
-
 def _raw_predictor(run: Path, checkpoint: str, predict_kw: dict[str, Any]) -> tuple[Predictor, str]:
     """The run's predictor at temperature 1 (the raw maps a temperature is fitted to), and the checkpoint it
     loaded (``best`` falls back to ``last``, as :meth:`Predictor.from_run` does)."""
@@ -103,7 +97,7 @@ def calibrate_run(run: PathLike, inputs: Sequence[Any], mask_dir: PathLike, fov_
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     source = {"masks": str(Path(mask_dir).resolve()), "fov": str(Path(fov_dir).resolve()) if fov_dir else None}
-    return fit_record(run, cases, _settings(pred), resolved, previous, write, max_pixels, t0, log, source,
+    return fit_record(run, cases, pred.sampling_settings(), resolved, previous, write, max_pixels, t0, log, source,
                       bool(predict_kw.get("segmentor_only", False)))
 
 
@@ -132,7 +126,7 @@ def calibrate_split(run: PathLike, split: Optional[str] = None, *, checkpoint: s
         raise ConfigError("calibrating on the dataset works for 2D runs; for volumes fit on held-out volume files: "
                           f"diffmis calibrate --run {run} --input IMAGES --masks LABELS")
     split = split or cfg.data.val_split
-    ds = build_dataset(cfg.data, split, train=False)
+    ds = build_dataset(cfg.data.model_copy(update={"cache": False}), split, train=False)  # read once, below
     if len(ds) == 0:
         raise InputError(f"the '{split}' split of the run's data has no cases to calibrate on")
     previous = read_calibration(run) if write else None
@@ -153,5 +147,5 @@ def calibrate_split(run: PathLike, split: Optional[str] = None, *, checkpoint: s
                           None if fov is None else np.asarray(fov) > 0))
         start = end
     source = {"split": split, "data": str(cfg.data.root or cfg.data.kind)}
-    return fit_record(run, cases, _settings(pred), resolved, previous, write, max_pixels, t0, log, source,
+    return fit_record(run, cases, pred.sampling_settings(), resolved, previous, write, max_pixels, t0, log, source,
                       bool(predict_kw.get("segmentor_only", False)))

@@ -239,13 +239,16 @@ class Predictor:
             prior = cls.from_run(prior, device=dev, ensemble=1, batch_size=kwargs.get("batch_size"))
         pred = cls(method, cfg, device=dev, prior=prior, **kwargs)
         if kwargs.get("temperature") is None:
-            t = run_temperature(
-                run, segmentor_only=segmentor_only, checkpoint=ck.name, default=pred.temperature,
-                settings={"sampler": pred.sampler, "steps": pred.steps, "ensemble": pred.ensemble, "fuse": pred.fuse,
-                          "start_step": pred.start_step, "tta": pred.tta})
+            t = run_temperature(run, segmentor_only=segmentor_only, checkpoint=ck.name, default=pred.temperature,
+                                settings=pred.sampling_settings())
             if t != pred.temperature:
                 pred.temperature, pred.temperature_source = t, str(run / "calibration.json")
         return pred
+
+    def sampling_settings(self) -> dict[str, Any]:
+        """The settings that shape the probability maps (a temperature is fitted to, and checked against, them)."""
+        return {"sampler": self.sampler, "steps": self.steps, "ensemble": self.ensemble, "fuse": self.fuse,
+                "start_step": self.start_step, "tta": self.tta}
 
     # ---- network space -------------------------------------------------------------------------------------
 

@@ -335,7 +335,6 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
                        seconds=time.time() - t_start, method=method)
 
 
-
 def _progress(cfg: Config, initial: int) -> Any:
     from tqdm import tqdm
 
