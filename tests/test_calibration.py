@@ -234,3 +234,22 @@ def test_train_calibrate_refuses_what_it_cannot_do_before_training(tmp_path):
 
     with pytest.raises(ConfigError, match="train.calibrate fits on 2D runs.*diffmis calibrate"):
         load_config("hidiff_mni3d", ["train.calibrate=true"])
+
+
+def test_calibrating_a_split_fits_where_predictions_apply_it(tmp_path):
+    """Images stored larger than data.image_size: the split is fitted at the stored size, as on the files."""
+    from diffmis.data.synthetic import write_synthetic
+    from diffmis.inference import calibrate_split
+
+    root = write_synthetic(tmp_path / "data", 12, size=(48, 40), channels=1)
+    d = tiny_config("hidiff", tmp_path, steps=2)
+    d["data"].update(kind="folder", root=str(root))  # image_size stays 32x32
+    train(config_from_dict(d), tmp_path / "run", log=lambda s: None)
+    val = (root / "splits" / "val.txt").read_text().split()
+    files = [root / "images" / f"{i}.png" for i in val]
+    by_files = calibrate_run(tmp_path / "run", files, root / "masks", write=False, log=lambda s: None)
+    by_split = calibrate_split(tmp_path / "run", write=False, log=lambda s: None)
+    assert by_split["n_cases"] == by_files["n_cases"] == len(val)
+    assert by_split["n_pixels"] == by_files["n_pixels"] == len(val) * 48 * 40
+    assert by_split["temperature"] == by_files["temperature"]
+    assert abs(by_split["ece"]["t1"] - by_files["ece"]["t1"]) < 1e-6

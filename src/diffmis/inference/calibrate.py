@@ -104,9 +104,9 @@ def calibrate_run(run: PathLike, inputs: Sequence[Any], mask_dir: PathLike, fov_
 def calibrate_split(run: PathLike, split: Optional[str] = None, *, checkpoint: str = "best", write: bool = True,
                     max_pixels: Optional[int] = 4_000_000, log: Callable[[str], None] = print,
                     **predict_kw: Any) -> dict[str, Any]:
-    """:func:`calibrate_run` on a split of the run's own dataset (default ``data.val_split``), read as training
-    reads it (any 2D ``data.kind``, built-in ones included; images at the working size): what ``train.calibrate``
-    does after training. The split must be held out from training.
+    """:func:`calibrate_run` on a split of the run's own dataset (default ``data.val_split``; any 2D ``data.kind``,
+    built-in ones included), its images and masks at their stored size as :func:`calibrate_run` reads files: what
+    ``train.calibrate`` does after training. The split must be held out from training.
 
     Raises:
         ConfigError: a 3D run (fit on its volume files with :func:`calibrate_run`). InputError: an empty split.
@@ -126,7 +126,10 @@ def calibrate_split(run: PathLike, split: Optional[str] = None, *, checkpoint: s
         raise ConfigError("calibrating on the dataset works for 2D runs; for volumes fit on held-out volume files: "
                           f"diffmis calibrate --run {run} --input IMAGES --masks LABELS")
     split = split or cfg.data.val_split
-    ds = build_dataset(cfg.data.model_copy(update={"cache": False}), split, train=False)  # read once, below
+    # the cases as they are stored, as diffmis predict reads files: the predictor resizes to data.image_size and its
+    # maps come back at the stored size, where the temperature will be applied (synthetic images are made at it)
+    stored = {} if cfg.data.kind == "synthetic" else {"image_size": None}
+    ds = build_dataset(cfg.data.model_copy(update={"cache": False, **stored}), split, train=False)  # read once
     if len(ds) == 0:
         raise InputError(f"the '{split}' split of the run's data has no cases to calibrate on")
     previous = read_calibration(run) if write else None
