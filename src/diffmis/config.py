@@ -201,13 +201,15 @@ class DiffusionConfig(_Section):
 
 class TrainConfig(_Section):
     max_steps: int = Field(1000, ge=0)
-    # wall-clock budget of the training loop in this invocation (dataset loading and model building excluded)
+    # wall-clock budget of the training loop in this invocation (dataset loading and model building excluded); a
+    # decaying lr_schedule decays over whichever of max_steps and max_minutes ends the run first (a resumed run's
+    # minutes are a new budget: its decay restarts from its steps' share)
     max_minutes: Optional[float] = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    lr_schedule: Literal["constant", "cosine", "poly"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "poly"] = "constant"   # after warmup_steps; see max_minutes
     warmup_steps: int = Field(0, ge=0)
     grad_clip: Optional[float] = Field(1.0, gt=0)
     ema_decay: Optional[float] = Field(0.999, ge=0, lt=1)

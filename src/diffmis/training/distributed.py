@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "is_main_process", "barrier", "all_reduce_sum", "all_gather_objects",
+__all__ = ["DistInfo", "init_distributed", "is_main_process", "barrier", "all_reduce_sum", "all_reduce_max_float",
+           "all_gather_objects",
            "average_gradients", "broadcast_module", "sync_buffers", "cleanup"]
 
 
@@ -61,6 +62,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def all_reduce_max_float(value: float, device: torch.device) -> float:
+    """The largest ``value`` over ranks (e.g. elapsed seconds, so that every rank takes the same decision).
+    ``value`` itself in a single process."""
+    if not dist.is_initialized() or dist.get_world_size() <= 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

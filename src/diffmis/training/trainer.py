@@ -96,17 +96,23 @@ class TrainResult:
     method: Optional[Method] = None
 
 
-def lr_factor(step: int, cfg: Config) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up, then constant, cosine or poly decay."""
+def lr_factor(step: int, cfg: Config, time_share: float = 0.0) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then constant, cosine or poly decay.
+
+    The decay's progress is the larger of the steps' share of ``train.max_steps`` and ``time_share``, the share of
+    this invocation's ``train.max_minutes`` spent so far: a run that its time budget ends decays to its end too
+    (with only ``max_steps`` a long ``max_steps`` would leave it undecayed), and one that ``max_steps`` ends decays
+    by its steps as before."""
     tc = cfg.train
     if tc.warmup_steps and step < tc.warmup_steps:
         return (step + 1) / tc.warmup_steps
     total = max(1, tc.max_steps - tc.warmup_steps)
     k = min(max(0, step - tc.warmup_steps), total)
+    progress = max(k / total, min(1.0, max(0.0, time_share)))
     if tc.lr_schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * k / total))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
     if tc.lr_schedule == "poly":  # lr_k = lr_0 (1 - k / K)^0.9
-        return (1.0 - k / total) ** 0.9
+        return (1.0 - progress) ** 0.9
     return 1.0
 
 
@@ -266,13 +272,18 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
     signals = _SignalStop()
     try:
         while pos.step < tc.max_steps:
-            if tc.max_minutes is not None and (time.time() - loop_t0) / 60.0 >= tc.max_minutes:
-                stopped = "max_minutes"
-                break
+            time_share = 0.0
+            if tc.max_minutes is not None:
+                # every rank reads the same clock (the slowest rank's): they stop at the same step and
+                # decay the learning rate alike
+                time_share = distu.all_reduce_max_float(time.time() - loop_t0, device) / (60.0 * tc.max_minutes)
+                if time_share >= 1.0:
+                    stopped = "max_minutes"
+                    break
             if stop_after is not None and pos.step - start_step >= stop_after:
                 stopped = "stop_after"
                 break
-            lr = tc.lr * lr_factor(pos.step, cfg)
+            lr = tc.lr * lr_factor(pos.step, cfg, time_share)
             stepper.set_lr(lr)
             micro = [next(batches) for _ in range(tc.grad_accum)]
             for phase in method.phases(pos.step):
