@@ -45,7 +45,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, CpuMonitor, environment, write_result  # noqa: E402
+from common import RESULTS, CpuMonitor, environment, git_state, write_result  # noqa: E402
 
 from diffmis.config import load_config  # noqa: E402
 from diffmis.evaluation import evaluate_folders  # noqa: E402
@@ -425,11 +425,12 @@ def main() -> None:
                                          row["calibration"]["temperature"])
         # per row: a file gathers rows measured on different machines over time
         row["cpu"] = seg_row_cpu = cpu_record(cpu_info().record(), threads)
+        row["commit"] = git_state()["commit"]  # the code the row ran (a file's rows span many commits)
         doc["rows"][key] = row
         print(f"{key}: Dice {row['dice_mean']:.4f} +- {row['dice_std']:.4f}, ECE {row['ece']}, AUROC "
               f"{row['error_auroc']}, steps {row['steps']}, NFE {row['nfe_per_image']}", flush=True)
         if seg_row is not None:
-            seg_row["cpu"] = seg_row_cpu
+            seg_row["cpu"], seg_row["commit"] = seg_row_cpu, row["commit"]
             doc["rows"][f"{m}_segmentor@{variant}"] = seg_row
             print(f"{m}_segmentor@{variant}: Dice {seg_row['dice_mean']:.4f}", flush=True)
         doc.update({"benchmark": "quality", "dataset": args.dataset, "split": args.split, "eval_split": eval_split,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,38 @@ def test_patch_trained_run_validates_whole_images_with_sliding_windows(recipe, t
     assert vals[0]["nfe"] == 2 * (1 + 3)
     assert vals[0]["n_cases"] == 2
     assert res.best_dice is not None
+
+
+def test_lr_factor_follows_the_larger_of_steps_and_minutes():
+    from diffmis.training.trainer import lr_factor
+
+    def factor(schedule, step, time_share=0.0, warmup=0):
+        cfg = config_from_dict(tiny_config("segmentor", Path("."), steps=100, lr_schedule=schedule,
+                                           warmup_steps=warmup))
+        return lr_factor(step, cfg, time_share)
+
+    assert factor("cosine", 0) == pytest.approx(1.0) and factor("cosine", 50) == pytest.approx(0.5)
+    assert factor("cosine", 0, time_share=0.5) == pytest.approx(0.5)       # half the minutes spent
+    assert factor("cosine", 50, time_share=0.25) == pytest.approx(0.5)     # the steps are further on
+    assert factor("cosine", 10, time_share=1.7) == pytest.approx(0.0)      # past the budget: the end
+    assert factor("poly", 0, time_share=0.5) == pytest.approx(0.5 ** 0.9)
+    assert factor("constant", 90, time_share=0.9) == 1.0
+    assert factor("cosine", 4, time_share=0.9, warmup=10) == pytest.approx(0.5)  # warm-up counts steps only
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_time_budget_decays_the_schedule(schedule, tmp_path):
+    """A run ended by train.max_minutes (max_steps out of reach) decays over its minutes."""
+    cfg = config_from_dict(tiny_config("segmentor", tmp_path, steps=10 ** 8, max_minutes=0.04,
+                                       lr_schedule=schedule))
+    res = train(cfg, tmp_path / "run")
+    assert res.stopped == "max_minutes" and res.step > 3
+    lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in lines if r["phase"] == "train"]
+    if schedule == "constant":
+        assert lrs == [1e-3] * len(lrs)
+        return
+    assert lrs[0] > 0.9e-3 and all(a >= b for a, b in zip(lrs, lrs[1:]))
+    # the last step began within one step's time of the budget's end: close to zero (before: 1e-3 throughout)
+    step_s = res.seconds / res.step
+    assert lrs[-1] <= 1e-3 * 0.5 * (1 - math.cos(math.pi * min(1.0, 2 * step_s / 2.4))) + 1e-9
