@@ -58,9 +58,9 @@ def test_torchrun_two_ranks(recipe, tmp_path):
 
 
 def test_torchrun_time_budget_ends_every_rank_at_one_step(tmp_path):
-    """A train.max_minutes budget under torchrun: the ranks read one clock (the slowest's), so they stop at the same
-    step with the same weights and decay the learning rate alike, even when rank 1's clock runs slow (each rank on its
-    own clock, rank 0 stopped while rank 1 waited in the next step's all-reduce)."""
+    """A train.max_minutes budget under torchrun: the ranks take one elapsed time (the largest over them), so they
+    stop at the same step with the same weights and decay the learning rate alike, even when rank 1's clock runs
+    slow (each rank on its own clock, rank 0 stopped while rank 1 waited in the next step's all-reduce)."""
     cfg = tiny_config("segmentor", tmp_path, steps=10 ** 8, max_minutes=0.05, lr_schedule="cosine")
     proc, run_dir, _ = _torchrun(cfg, tmp_path, {"DIFFMIS_TEST_SLOW_CLOCK": "1"})
     lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -274,7 +274,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False, 
         while pos.step < tc.max_steps:
             time_share = 0.0
             if tc.max_minutes is not None:
-                # every rank reads the same clock (the slowest rank's): they stop at the same step and
+                # every rank takes the largest elapsed time over the ranks: they stop at the same step and
                 # decay the learning rate alike
                 time_share = distu.all_reduce_max_float(time.time() - loop_t0, device) / (60.0 * tc.max_minutes)
                 if time_share >= 1.0:
