@@ -63,7 +63,7 @@ def quality_table(data: dict[str, Any], variant: str = "default") -> str:
     cmds = sorted({c for k, c in (data.get("commands") or {}).items() if k.endswith(f"@{variant}")})
     lines = [f"{data['n_cases']} {data['eval_split']} cases, {any_row['budget_minutes']:g} min of training per method "
              f"(everything counted), {_machines(list(rows.values()), env)}; mean +- std over cases. Commands: "
-             + "; ".join(f"`{c}`" for c in cmds), "",
+             + "; ".join(f"`{c}`" for c in cmds) + _schedule_note(list(rows.values())), "",
              "| method | params | minutes (steps) per phase | sampler | Dice | IoU | HD95 (px) | ECE | "
              "uncertainty AUROC | batched calls / image | s / image |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -252,6 +252,18 @@ def nfe_plot(json_path: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _schedule_note(rows: list[dict[str, Any]]) -> str:
+    """Which rows ran before a decaying lr schedule followed the minutes budget (27b74d2): rows record the commit
+    they ran at (``commit``) since right after it, so a row without one is older. Empty when no row records one (a
+    file of older rows only)."""
+    old = list(dict.fromkeys(LABEL.get(r["method"], r["method"]).split("'")[0] for r in rows if not r.get("commit")))
+    if not old or not any(r.get("commit") for r in rows):
+        return ""
+    return (". Rows run before the learning-rate decay followed the minutes budget (their cosine or poly schedules, "
+            "the UNet's, HiDiff's and the segmentor phases', never decayed; constant ones are unaffected): "
+            + ", ".join(old))
 
 
 def _machine(env: dict[str, Any]) -> str:

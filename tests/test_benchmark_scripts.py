@@ -197,3 +197,24 @@ def test_calibrated_rows_get_their_own_table_and_target_row():
     targets = render.targets_table({"mni": doc})
     assert "| hidiff 0.002 / 0.013 (UNet calibrated too: 0.004) |" in targets
     assert "| hidiff 0.032 / 0.013 |" in targets  # the raw row stays as it was
+
+
+def test_quality_table_names_the_rows_run_before_the_time_aware_schedule():
+    def row(method, commit=None):
+        r = {"method": method, "variant": "default", "dice_mean": 0.9, "dice_std": 0.01, "iou_mean": 0.8,
+             "hd95_mean": 1.0, "ece": 0.01, "error_auroc": 0.97, "nfe_per_image": 1, "seconds_per_image": 0.1,
+             "params": 1e6, "budget_minutes": 5, "runs": [{"phase": "method", "minutes": 5, "steps": 100}]}
+        if commit:
+            r["commit"] = commit
+        return r
+
+    doc = {"rows": {"segmentor@default": row("segmentor", "abc"), "hidiff@default": row("hidiff", "abc"),
+                    "hidiff_segmentor@default": row("hidiff_segmentor", "abc"),
+                    "pd_ddpm@default": row("pd_ddpm"), "pd_ddpm_segmentor@default": row("pd_ddpm_segmentor"),
+                    "medsegdiff@default": row("medsegdiff")},
+           "n_cases": 24, "eval_split": "test", "environment": {}}
+    head = render.quality_table(doc).splitlines()[0]
+    assert head.endswith("constant ones are unaffected): PD-DDPM, MedSegDiff")  # once each, table order
+    for r in doc["rows"].values():  # a file of older rows only says nothing of it
+        r.pop("commit", None)
+    assert "learning-rate decay" not in render.quality_table(doc)
