@@ -138,6 +138,24 @@ def cpu_record(cpu: dict[str, Any], threads: Optional[int], source: Optional[str
     return out if source is None else {**out, "from": source}
 
 
+def keep_replaced(doc: dict[str, Any], key: str, row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` about to take ``key``'s place in ``doc``: when the row it replaces ran on another CPU kind (model or
+    ISA) or at another commit (or before rows recorded one), keep that row's figures and command under
+    ``replaced_row`` so the file still says what the earlier machine or code measured. A rerun on the same kind
+    and commit replaces the row outright; a row that already keeps an older one (a rescore in place) is left as is."""
+    old = doc["rows"].get(key)
+    if old is None or "replaced_row" in row:
+        return row
+    cpu_new, cpu_old = row.get("cpu") or {}, old.get("cpu") or {}
+    kind = lambda c: (c.get("model"), c.get("isa")) if isinstance(c, dict) else (c, None)  # noqa: E731
+    if kind(cpu_new) == kind(cpu_old) and row.get("commit") == old.get("commit"):
+        return row
+    row["replaced_row"] = {k: v for k, v in old.items() if k not in ("runs", "replaced_row")}
+    commands = doc.get("commands") or {}  # a segmentor row shares its method row's command
+    row["replaced_row"]["command"] = commands.get(key) or commands.get(key.replace("_segmentor@", "@"))
+    return row
+
+
 def train_run(cfg_name: str, name: str, minutes: float, work: Path, sets: list[str]) -> dict[str, Any]:
     cfg = load_config(cfg_name, [f"experiment.output_dir={work / 'runs'}", f"experiment.name={name}",
                                  f"train.max_minutes={minutes}", "train.max_steps=100000000", "train.val_every=0",
@@ -426,12 +444,12 @@ def main() -> None:
         # per row: a file gathers rows measured on different machines over time
         row["cpu"] = seg_row_cpu = cpu_record(cpu_info().record(), threads)
         row["commit"] = git_state()["commit"]  # the code the row ran (a file's rows span many commits)
-        doc["rows"][key] = row
+        doc["rows"][key] = keep_replaced(doc, key, row)
         print(f"{key}: Dice {row['dice_mean']:.4f} +- {row['dice_std']:.4f}, ECE {row['ece']}, AUROC "
               f"{row['error_auroc']}, steps {row['steps']}, NFE {row['nfe_per_image']}", flush=True)
         if seg_row is not None:
             seg_row["cpu"], seg_row["commit"] = seg_row_cpu, row["commit"]
-            doc["rows"][f"{m}_segmentor@{variant}"] = seg_row
+            doc["rows"][f"{m}_segmentor@{variant}"] = keep_replaced(doc, f"{m}_segmentor@{variant}", seg_row)
             print(f"{m}_segmentor@{variant}: Dice {seg_row['dice_mean']:.4f}", flush=True)
         doc.update({"benchmark": "quality", "dataset": args.dataset, "split": args.split, "eval_split": eval_split,
                     "n_cases": len(images), "threads": threads,

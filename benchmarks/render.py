@@ -284,7 +284,8 @@ def _machines(rows: list[dict[str, Any]], env: dict[str, Any], tune: bool = Fals
     and by variant for the tuning tables)."""
     kinds: dict[str, list[str]] = {}
     for r in rows:
-        label = LABEL.get(r["method"], r["method"]).split("'")[0]  # "PD-DDPM's ... alone" -> "PD-DDPM"
+        # "PD-DDPM's ... alone" -> "PD-DDPM", "HiDiff (refined)" -> "HiDiff": a method's rows named once
+        label = LABEL.get(r["method"], r["method"]).split("'")[0].split(" (")[0]
         kinds.setdefault(_row_cpu(r, env), []).append(f"{label} {r['variant']}" if tune else label)
     m = env.get("machine") or {}
     tail = f"{m.get('torch_threads', '?')} torch thread(s), torch {env.get('torch', '?')}"

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import render  # noqa: E402
-from quality import check_segphase_from, raw_ece, recipe_levers, rescore, reused_segphase, sample_settings  # noqa: E402
+from quality import check_segphase_from, keep_replaced, raw_ece, recipe_levers, rescore, reused_segphase, sample_settings  # noqa: E402
 
 
 def _row(method: str, variant: str, dice: float, seg_dir: Path, *, dims: int = 3, reused: str = "",
@@ -218,3 +218,32 @@ def test_quality_table_names_the_rows_run_before_the_time_aware_schedule():
     for r in doc["rows"].values():  # a file of older rows only says nothing of it
         r.pop("commit", None)
     assert "learning-rate decay" not in render.quality_table(doc)
+
+
+def test_a_row_rerun_on_another_cpu_kind_or_commit_keeps_the_row_it_replaces():
+    epyc = {"model": "AMD EPYC", "isa": "AVX512-BF16", "native_bf16": True, "threads": 2}
+    xeon = {"model": "Intel Xeon", "isa": "AMX", "native_bf16": True, "threads": 2}
+    old = {"method": "hidiff", "dice_mean": 0.80, "cpu": epyc, "runs": [{"phase": "method"}]}
+    old_seg = {"method": "hidiff_segmentor", "dice_mean": 0.76, "cpu": epyc, "runs": []}
+    doc = {"rows": {"hidiff@default": old, "hidiff_segmentor@default": old_seg},
+           "commands": {"hidiff@default": "python benchmarks/quality.py --dataset kvasir --methods hidiff"}}
+    new = keep_replaced(doc, "hidiff@default", {"dice_mean": 0.79, "cpu": xeon, "commit": "abc"})
+    assert new["replaced_row"]["dice_mean"] == 0.80 and "runs" not in new["replaced_row"]
+    assert new["replaced_row"]["cpu"] == epyc
+    assert new["replaced_row"]["command"] == doc["commands"]["hidiff@default"]
+    seg = keep_replaced(doc, "hidiff_segmentor@default", {"dice_mean": 0.77, "cpu": xeon, "commit": "abc"})
+    assert seg["replaced_row"]["dice_mean"] == 0.76  # the segmentor row shares its method row's command
+    assert seg["replaced_row"]["command"] == doc["commands"]["hidiff@default"]
+    # the same kind, another commit (the row before had none: before the time-aware schedule): kept too
+    doc["rows"]["segmentor@default"] = {"dice_mean": 0.77, "cpu": xeon, "runs": []}
+    assert keep_replaced(doc, "segmentor@default", {"dice_mean": 0.80, "cpu": xeon, "commit": "abc"})[
+        "replaced_row"]["dice_mean"] == 0.77
+    # the same kind and commit: a plain rerun replaces the row outright; a new key has nothing to keep
+    doc["rows"]["segmentor@default"] = {"dice_mean": 0.80, "cpu": dict(xeon), "commit": "abc", "runs": []}
+    assert "replaced_row" not in keep_replaced(doc, "segmentor@default",
+                                               {"dice_mean": 0.81, "cpu": xeon, "commit": "abc"})
+    assert "replaced_row" not in keep_replaced(doc, "medsegdiff@default", {"dice_mean": 0.5, "cpu": xeon})
+    # a rescore in place already keeps its own replaced row
+    kept = {"dice_mean": 0.1}
+    assert keep_replaced(doc, "hidiff@default", {"dice_mean": 0.79, "cpu": xeon, "replaced_row": kept})[
+        "replaced_row"] is kept
