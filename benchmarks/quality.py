@@ -46,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, CpuMonitor, environment, git_state, write_result  # noqa: E402
+from render import row_cpu  # noqa: E402  (the CPU kind as the tables name it)
 
 from diffmis.config import load_config  # noqa: E402
 from diffmis.evaluation import evaluate_folders  # noqa: E402
@@ -146,9 +147,8 @@ def keep_replaced(doc: dict[str, Any], key: str, row: dict[str, Any]) -> dict[st
     old = doc["rows"].get(key)
     if old is None or "replaced_row" in row:
         return row
-    cpu_new, cpu_old = row.get("cpu") or {}, old.get("cpu") or {}
-    kind = lambda c: (c.get("model"), c.get("isa")) if isinstance(c, dict) else (c, None)  # noqa: E731
-    if kind(cpu_new) == kind(cpu_old) and row.get("commit") == old.get("commit"):
+    env = doc.get("environment") or {}  # an old row without its own CPU record ran on the file's machine
+    if row_cpu(row, env) == row_cpu(old, env) and row.get("commit") == old.get("commit"):
         return row
     row["replaced_row"] = {k: v for k, v in old.items() if k not in ("runs", "replaced_row")}
     commands = doc.get("commands") or {}  # a segmentor row shares its method row's command

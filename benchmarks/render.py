@@ -128,7 +128,7 @@ def variants_table(data: dict[str, Any]) -> str:
     for r in rows:
         base = next((x for x in data["rows"].values() if x["method"] == r["method"] and x["variant"] == "default"
                      and x.get("dims") == r.get("dims")), None)  # volumes: the default of the same dims
-        if base is not None and _row_cpu(base, env) != _row_cpu(r, env):
+        if base is not None and row_cpu(base, env) != row_cpu(r, env):
             base = None  # a difference across CPU kinds would be the machines' as much as the lever's
         diff = "" if base is None or r["variant"] == "default" else f"{r['dice_mean'] - base['dice_mean']:+.3f}"
         dims = f" ({r['dims']}D)" if "dims" in r else ""
@@ -153,7 +153,7 @@ def targets_table(docs: dict[str, dict[str, Any]]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
     def kind(x: dict[str, Any]) -> str:
-        return _row_cpu(x, {})
+        return row_cpu(x, {})
 
     def diff(a: str, b: str, need: float) -> Any:
         def cell(r: dict[str, Any]) -> str:
@@ -273,7 +273,7 @@ def _machine(env: dict[str, Any]) -> str:
             f"thread(s), torch {env.get('torch', '?')}")
 
 
-def _row_cpu(r: dict[str, Any], env: dict[str, Any]) -> str:
+def row_cpu(r: dict[str, Any], env: dict[str, Any]) -> str:
     """The CPU a quality row ran on: its own record (``cpu``, since 2026-11-30), else the file's environment."""
     cpu = r.get("cpu") or ((env.get("machine") or {}).get("cpu") or {})
     return f"{cpu.get('model', '?')} ({cpu.get('isa', '?')})"
@@ -286,7 +286,7 @@ def _machines(rows: list[dict[str, Any]], env: dict[str, Any], tune: bool = Fals
     for r in rows:
         # "PD-DDPM's ... alone" -> "PD-DDPM", "HiDiff (refined)" -> "HiDiff": a method's rows named once
         label = LABEL.get(r["method"], r["method"]).split("'")[0].split(" (")[0]
-        kinds.setdefault(_row_cpu(r, env), []).append(f"{label} {r['variant']}" if tune else label)
+        kinds.setdefault(row_cpu(r, env), []).append(f"{label} {r['variant']}" if tune else label)
     m = env.get("machine") or {}
     tail = f"{m.get('torch_threads', '?')} torch thread(s), torch {env.get('torch', '?')}"
     if len(kinds) <= 1:

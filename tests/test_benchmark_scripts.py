@@ -11,7 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import render  # noqa: E402
-from quality import check_segphase_from, keep_replaced, raw_ece, recipe_levers, rescore, reused_segphase, sample_settings  # noqa: E402
+from quality import (check_segphase_from, keep_replaced, raw_ece, recipe_levers, rescore,  # noqa: E402
+                     reused_segphase, sample_settings)
 
 
 def _row(method: str, variant: str, dice: float, seg_dir: Path, *, dims: int = 3, reused: str = "",
