@@ -277,6 +277,35 @@ def test_x0_segmentation_loss_known_value():
         _with("medsegdiff", x0_seg_weight=1.0, prediction="eps")
 
 
+def test_x0_logits_reads_the_output_as_clean_mask_logits():
+    """``x0_logits``: a fresh network outputs logits 0, i.e. probability 1/2, x0 = 0 in pm1; the added terms are a
+    segmentor's Dice + BCE on those logits; known logits give x0 = 2 sigmoid - 1 and gradients where a linear x0
+    clamped to the range has none."""
+    method = _with("medsegdiff", x0_seg_weight=1.0, x0_logits=True)
+    mask = truth_masks(1, 2)
+    raw, _, _ = method.diffusion_terms(images_of(mask), mask, torch.Generator().manual_seed(0))
+    dice = (1 - (2 * 0.5 * mask.sum((2, 3)) + 1e-5) / (0.5 * SIZE * SIZE + mask.sum((2, 3)) + 1e-5)).mean()
+    assert raw["x0_seg"].item() == pytest.approx(dice.item() + math.log(2.0), rel=1e-4)
+    assert raw["diffusion"].item() == pytest.approx(1.0, rel=1e-5)  # x0_hat = 0 against a target of +-1
+    logits = 3.0 * (2 * mask - 1)
+    method.denoiser.forward = lambda x_t, t, cond: logits[: x_t.shape[0]]
+    x_t, t = torch.zeros_like(mask), torch.zeros(2, dtype=torch.long)
+    pred, out = method.predict(x_t, t, {})
+    assert torch.equal(out, logits)
+    assert torch.allclose(pred, 2 * torch.sigmoid(logits) - 1)
+    x0, _ = method.scheduler.pred_to_x0_eps(pred, x_t, t)
+    assert torch.allclose(x0, pred)  # already inside [-1, 1]: the sampler's clamp leaves it alone
+    # a far-off logit still has a gradient (a linear output at -3 in pm1 is clamped to probability 0: none)
+    far = torch.full((1, 1, 2, 2), -20.0, requires_grad=True)
+    terms = segmentation_loss_terms(far, torch.ones(1, 1, 2, 2))
+    (terms["dice"] + terms["ce"]).backward()
+    assert bool((far.grad < 0).all())
+    with pytest.raises(Exception, match="prediction: x0"):
+        _with("medsegdiff", x0_logits=True, prediction="eps")
+    with pytest.raises(Exception, match="x0_logits has no effect"):
+        _with("hidiff", x0_logits=True)
+
+
 def test_recycling_noises_a_prediction_not_the_truth():
     """PD-DDPM with recycle = 1: every sample is noised from the pre-segmentation at t < T' (what sampling sees);
     MedSegDiff: from its own prediction from pure noise (one extra network pass), t uniform."""

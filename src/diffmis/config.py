@@ -182,6 +182,11 @@ class DiffusionConfig(_Section):
     # Gaussian methods: weight of Dice + BCE on the predicted x0 read as probabilities, added to the MSE
     # (Diff-UNet's recipe; needs prediction x0); 0 = the papers' MSE alone
     x0_seg_weight: float = Field(0.0, ge=0)
+    # Gaussian methods with prediction x0: read the network's output as logits of the clean mask, x0_hat =
+    # to_range(sigmoid (K = 1) or softmax (K > 1) of the output), and the x0_seg terms as a segmentor's Dice + CE
+    # on those logits (Diff-UNet's sigmoid head); false = a linear output clamped to the mask range (its BCE has
+    # no gradient where the output leaves the range)
+    x0_logits: bool = False
     # Gaussian methods: fraction of each batch whose x_t is noised from a prediction instead of the truth
     # (ImgX-DiffSeg's recycling: the model's own x0 from pure noise; PD-DDPM: its pre-segmentation, t < T';
     # MedSegDiff-V2 with sample.start_step: its anchor, t < T')

@@ -9,6 +9,7 @@ file composes them:
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   t ~ U{0..T-1}                     (METHODS 1.2)
     L = || target(x0, eps, t) - f_theta(x_t, t, I) ||^2                               (eps / x0 / v target)
         [+ w (Dice + BCE)(x0_hat as probabilities, mask)]                               (Diff-UNet, x0 target)
+    x0_logits: x0_hat = to_range(sigmoid / softmax(f_theta)), the added terms a segmentor's Dice + CE on f_theta
     sample: DDIM (eta) or ancestral DDPM over a respaced chain of ``steps`` network calls, from pure noise, or
             from a noised prior mask at T' (the PD-DDPM start, :mod:`diffmis.methods.pd_ddpm`)
 
@@ -24,8 +25,8 @@ from torch import Tensor, nn
 
 from diffmis.config import Config
 from diffmis.errors import ConfigError
-from diffmis.losses import bce_on_probabilities, soft_dice_loss
-from diffmis.masks import hard_one_hot
+from diffmis.losses import bce_on_probabilities, segmentation_loss_terms, soft_dice_loss
+from diffmis.masks import hard_one_hot, probabilities
 from diffmis.methods.base import (LossOutput, Method, build_model, check_share, check_train_timesteps, compose,
                                   rand_share, rand_t, randn_like, register, repeat_members, select_batch)
 from diffmis.sampling import SampleOutput, gaussian_sample
@@ -56,26 +57,31 @@ class GaussianMaskDiffusion(Method):
         num_classes: K.
         loss_weights: ``train.loss_weights`` (term ``diffusion``).
         default_steps, default_sampler: the sampler used when :meth:`sample` is called without them.
-        x0_seg_weight, recycle, train_timesteps, first_step_share: the recipe levers of ``diffusion.*``.
+        x0_seg_weight, x0_logits, recycle, train_timesteps, first_step_share: the recipe levers of
+            ``diffusion.*``.
         default_start_step: T' used when :meth:`sample` gets no start step (methods with their own prior:
             ``sample.start_step``); None starts from pure noise.
     """
 
     samplers = ("ddim", "ddpm")
     takes_start_step = True
-    levers = ("diffusion.x0_seg_weight", "diffusion.recycle", "diffusion.train_timesteps",
+    levers = ("diffusion.x0_seg_weight", "diffusion.x0_logits", "diffusion.recycle", "diffusion.train_timesteps",
               "diffusion.first_step_share")
 
     def __init__(self, denoiser: nn.Module, scheduler: GaussianScheduler, num_classes: int,
                  loss_weights: Optional[dict[str, float]] = None, *, default_steps: int = 10,
-                 default_sampler: str = "ddim", x0_seg_weight: float = 0.0, recycle: float = 0.0,
+                 default_sampler: str = "ddim", x0_seg_weight: float = 0.0, x0_logits: bool = False,
+                 recycle: float = 0.0,
                  train_timesteps: str = "all", first_step_share: float = 0.0,
                  default_start_step: Optional[int] = None) -> None:
         super().__init__()
-        if (x0_seg_weight or recycle) and scheduler.prediction != "x0":
-            raise ConfigError("diffusion.x0_seg_weight and diffusion.recycle need diffusion.prediction: x0 "
-                              f"(got {scheduler.prediction!r})")
+        if (x0_seg_weight or recycle or x0_logits) and scheduler.prediction != "x0":
+            raise ConfigError("diffusion.x0_seg_weight, diffusion.x0_logits and diffusion.recycle need "
+                              f"diffusion.prediction: x0 (got {scheduler.prediction!r})")
         if getattr(denoiser, "outputs_x0_probabilities", False):  # e.g. models/segmentor_denoiser.py
+            if x0_logits:
+                raise ConfigError(f"model '{type(denoiser).__name__}' already outputs clean-mask probabilities: "
+                                  "diffusion.x0_logits reads the output as logits; set it to false")
             if scheduler.prediction != "x0":
                 raise ConfigError(f"model '{type(denoiser).__name__}' predicts the clean mask: it needs "
                                   f"diffusion.prediction: x0 (got {scheduler.prediction!r})")
@@ -88,6 +94,7 @@ class GaussianMaskDiffusion(Method):
         self.default_steps = default_steps
         self.default_sampler = default_sampler
         self.x0_seg_weight = x0_seg_weight
+        self.x0_logits = bool(x0_logits)
         self.recycle = recycle
         self.train_timesteps = check_train_timesteps(train_timesteps)
         self.first_step_share = check_share("diffusion.first_step_share", first_step_share)
@@ -107,12 +114,22 @@ class GaussianMaskDiffusion(Method):
         sampler = cfg.sample.sampler if cfg.sample.sampler in cls.samplers else cls.samplers[0]
         return cls(denoiser, gaussian_scheduler(cfg), cfg.data.num_classes, dict(cfg.train.loss_weights),
                    default_steps=cfg.sample.steps, default_sampler=sampler, x0_seg_weight=cfg.diffusion.x0_seg_weight,
+                   x0_logits=cfg.diffusion.x0_logits,
                    recycle=cfg.diffusion.recycle, train_timesteps=cfg.diffusion.train_timesteps,
                    first_step_share=cfg.diffusion.first_step_share,
                    default_start_step=cfg.sample.start_step if cls.own_prior else None, **method_params, **kwargs)
 
     def ema_module(self) -> nn.Module:
         return self.denoiser
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """``(prediction, raw output)`` of the denoiser in float32: the prediction is what the scheduler reads
+        (eps, x0 or v); with ``x0_logits`` the raw output is the clean mask's logits and the prediction
+        ``to_range(probabilities(logits))``, otherwise both are the output itself."""
+        out = self.denoiser(x_t, t, cond).float()
+        if self.x0_logits:
+            return self.scheduler.mask_to_x0(probabilities(out)), out
+        return out, out
 
     # ---- training -----------------------------------------------------------------------------------------
 
@@ -139,10 +156,13 @@ class GaussianMaskDiffusion(Method):
                     t[sel] = t_rec
         noise = randn_like(x0, generator)
         x_t = self.scheduler.add_noise(src, noise, t)
-        pred = self.denoiser(x_t, t, cond).float()
+        pred, out = self.predict(x_t, t, cond)
         target = self.scheduler.training_target(x0, noise, t)
         raw = {"diffusion": torch.mean((pred - target) ** 2)}
-        if self.x0_seg_weight > 0:  # Diff-UNet: segmentation losses on the predicted x0 read as probabilities
+        if self.x0_seg_weight > 0 and self.x0_logits:  # a segmentor's Dice + CE on the x0 logits
+            terms = segmentation_loss_terms(out, mask)
+            raw["x0_seg"] = terms["dice"] + terms["ce"]
+        elif self.x0_seg_weight > 0:  # Diff-UNet: segmentation losses on the predicted x0 read as probabilities
             x0_hat, _ = self.scheduler.pred_to_x0_eps(pred, x_t, t, clip=False)
             prob = self.scheduler.x0_to_prob(x0_hat).clamp(1e-4, 1.0 - 1e-4)
             raw["x0_seg"] = soft_dice_loss(prob, mask) + bce_on_probabilities(prob, mask)
@@ -178,7 +198,7 @@ class GaussianMaskDiffusion(Method):
         shape = (image.shape[0], self.num_classes, *image.shape[2:])
         x_t = randn_like(torch.empty(shape, device=image.device), generator)
         t = torch.full((image.shape[0],), self.scheduler.timesteps - 1, dtype=torch.long, device=image.device)
-        pred = self.denoiser(x_t, t, cond).float()
+        pred, _ = self.predict(x_t, t, cond)
         x0_hat, _ = self.scheduler.pred_to_x0_eps(pred, x_t, t)
         return hard_one_hot(self.scheduler.x0_to_prob(x0_hat)), None
 
@@ -230,7 +250,7 @@ class GaussianMaskDiffusion(Method):
         shape = (image.shape[0] * members, self.num_classes, *image.shape[2:])
 
         def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
-            return self.denoiser(x_t, t, cond).float()
+            return self.predict(x_t, t, cond)[0]
 
         out = gaussian_sample(model_fn, self.scheduler, shape, steps=steps or self.default_steps,
                               sampler=sampler or self.default_sampler, eta=eta, init=init,
