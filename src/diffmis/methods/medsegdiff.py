@@ -71,8 +71,7 @@ class GaussianMaskDiffusion(Method):
     def __init__(self, denoiser: nn.Module, scheduler: GaussianScheduler, num_classes: int,
                  loss_weights: Optional[dict[str, float]] = None, *, default_steps: int = 10,
                  default_sampler: str = "ddim", x0_seg_weight: float = 0.0, x0_logits: bool = False,
-                 recycle: float = 0.0,
-                 train_timesteps: str = "all", first_step_share: float = 0.0,
+                 recycle: float = 0.0, train_timesteps: str = "all", first_step_share: float = 0.0,
                  default_start_step: Optional[int] = None) -> None:
         super().__init__()
         if (x0_seg_weight or recycle or x0_logits) and scheduler.prediction != "x0":
