@@ -18,6 +18,7 @@ import torch
 
 from _tiny import RECIPES, tiny_config
 from diffmis.config import config_from_dict
+from diffmis.errors import ConfigError
 from diffmis.losses import segmentation_loss_terms
 from diffmis.masks import hard_labels, hard_one_hot, one_hot, probabilities
 from diffmis.methods import METHODS, Method, build
@@ -304,6 +305,51 @@ def test_x0_logits_reads_the_output_as_clean_mask_logits():
         _with("medsegdiff", x0_logits=True, prediction="eps")
     with pytest.raises(Exception, match="x0_logits has no effect"):
         _with("hidiff", x0_logits=True)
+
+
+def test_image_seg_weight_supervises_the_image_encoder_through_its_own_head():
+    """``diffusion.image_seg_weight``: a head on MedSegDiff's image encoder, zero-initialised (logits 0, probability
+    1/2: the known Dice + BCE), read in the same pass as the prediction; its term is weighted into the total, its
+    gradient reaches the image encoder, a few dozen steps on it alone make the head
+    segment, and without the lever there is no head at all (old checkpoints keep loading)."""
+    method = _with("medsegdiff", image_seg_weight=0.5)
+    mask = truth_masks(1, 4)
+    image = images_of(mask)
+    calls: list[int] = []
+    real = method.denoiser.forward
+    method.denoiser.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    raw, _, _ = method.diffusion_terms(image, mask, torch.Generator().manual_seed(0))
+    assert len(calls) == 1  # the image head rides on the prediction's own forward pass
+    method.denoiser.forward = real
+    dice = (1 - (2 * 0.5 * mask.sum((2, 3)) + 1e-5) / (0.5 * SIZE * SIZE + mask.sum((2, 3)) + 1e-5)).mean()
+    assert raw["image_seg"].item() == pytest.approx(dice.item() + math.log(2.0), rel=1e-4)
+    out = method.loss(image, mask, 0, torch.Generator().manual_seed(0))
+    assert out.total.item() == pytest.approx(raw["diffusion"].item() + 0.5 * raw["image_seg"].item(), rel=1e-4)
+
+    net = method.denoiser
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    t = torch.zeros(4, dtype=torch.long)
+    for step in range(60):
+        _, logits = net(torch.randn_like(mask), t, net.condition(image), image_logits=True)
+        terms = segmentation_loss_terms(logits, mask)
+        opt.zero_grad()
+        (terms["dice"] + terms["ce"]).backward()
+        if step == 1:  # after one update of the zero-initialised head, the gradient reaches the image path
+            assert sum(float(p.grad.abs().sum()) for p in net.image_stem.parameters()) > 0
+        opt.step()
+    with torch.no_grad():
+        _, logits = net(torch.randn_like(mask), t, net.condition(image), image_logits=True)
+    assert dice_batch(one_hot(hard_labels(probabilities(logits)), 1), mask).mean().item() > 0.9
+
+    plain = _with("medsegdiff")
+    assert plain.denoiser.image_head is None
+    assert not any("image_head" in k for k in plain.state_dict())
+    with pytest.raises(ValueError, match="image_head=True"):
+        plain.denoiser(mask, t, {"image": image}, image_logits=True)
+    with pytest.raises(ConfigError, match="image_seg_weight needs a denoiser with an image encoder"):
+        _with("conditional_unet", image_seg_weight=1.0)
+    with pytest.raises(ConfigError, match="image_seg_weight has no effect on recipe 'hidiff'"):
+        _with("hidiff", image_seg_weight=1.0)
 
 
 def test_recycling_noises_a_prediction_not_the_truth():

@@ -202,6 +202,10 @@ class DiffusionConfig(_Section):
     # pure noise: T - 1, where the network reads the image alone and its x0 is a segmentation), the rest drawn as
     # train_timesteps says; 0 = the papers' uniform timesteps
     first_step_share: float = Field(0.0, ge=0, le=1)
+    # Gaussian methods whose denoiser has an image encoder (model medsegdiff): weight of Dice + BCE of a
+    # segmentation head on the image encoder's last features (deep supervision: the image path learns to locate the
+    # structure by itself; the head is unused at sampling); 0 = the papers' (no head)
+    image_seg_weight: float = Field(0.0, ge=0)
 
 
 class TrainConfig(_Section):

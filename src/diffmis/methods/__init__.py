@@ -58,6 +58,7 @@ def build(cfg: Config) -> Method:
 #: it means "where it applies")
 LEVERS = {"diffusion.x0_seg_weight": 0.0, "diffusion.x0_logits": False, "diffusion.recycle": 0.0,
           "diffusion.train_timesteps": "all", "diffusion.first_step_share": 0.0, "diffusion.prior_noise": 0.0,
+          "diffusion.image_seg_weight": 0.0,
           "train.w_diff": 0.1, "train.pretrain_steps": 0, "train.segmentor_every": 1,
           "train.denoiser_from_prior": False}
 

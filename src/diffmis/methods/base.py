@@ -47,6 +47,7 @@ __all__ = [
     "Method",
     "register",
     "load_segmentor_run",
+    "model_accepts",
     "compose",
     "rand_t",
     "rand_share",
@@ -432,6 +433,20 @@ def build_model(name: str, params: dict[str, Any], spatial_dims: int = 2, **kwar
         return MODELS.build(name, **kwargs, **params, **_dims_kwarg(spatial_dims))
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"model '{name}': {err}") from None
+
+
+def model_accepts(name: str, param: str) -> bool:
+    """Whether the registered denoiser ``name`` takes the keyword ``param``; an unknown name is a
+    :class:`ConfigError` naming it (as in :func:`build_model`)."""
+    import inspect
+
+    import diffmis.models  # noqa: F401  (fills the registries)
+
+    try:
+        factory = MODELS.get(name)
+    except KeyError as err:
+        raise ConfigError(f"model '{name}': {err}") from None
+    return param in inspect.signature(factory).parameters
 
 
 def load_segmentor_run(segmentor: nn.Module, run: str | Path) -> Path:

@@ -9,6 +9,7 @@ file composes them:
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   t ~ U{0..T-1}                     (METHODS 1.2)
     L = || target(x0, eps, t) - f_theta(x_t, t, I) ||^2                               (eps / x0 / v target)
         [+ w (Dice + BCE)(x0_hat as probabilities, mask)]                               (Diff-UNet, x0 target)
+        [+ w_I (Dice + BCE)(image head's logits, mask)]          (image_seg_weight: deep supervision of E^I)
     x0_logits: x0_hat = to_range(sigmoid / softmax(f_theta)), the added terms a segmentor's Dice + CE on f_theta
     sample: DDIM (eta) or ancestral DDPM over a respaced chain of ``steps`` network calls, from pure noise, or
             from a noised prior mask at T' (the PD-DDPM start, :mod:`diffmis.methods.pd_ddpm`)
@@ -28,7 +29,8 @@ from diffmis.errors import ConfigError
 from diffmis.losses import bce_on_probabilities, segmentation_loss_terms, soft_dice_loss
 from diffmis.masks import hard_one_hot, probabilities
 from diffmis.methods.base import (LossOutput, Method, build_model, check_share, check_train_timesteps, compose,
-                                  rand_share, rand_t, randn_like, register, repeat_members, select_batch)
+                                  model_accepts, rand_share, rand_t, randn_like, register, repeat_members,
+                                  select_batch)
 from diffmis.sampling import SampleOutput, gaussian_sample
 from diffmis.schedulers import GaussianScheduler
 
@@ -57,8 +59,8 @@ class GaussianMaskDiffusion(Method):
         num_classes: K.
         loss_weights: ``train.loss_weights`` (term ``diffusion``).
         default_steps, default_sampler: the sampler used when :meth:`sample` is called without them.
-        x0_seg_weight, x0_logits, recycle, train_timesteps, first_step_share: the recipe levers of
-            ``diffusion.*``.
+        x0_seg_weight, x0_logits, recycle, train_timesteps, first_step_share, image_seg_weight: the recipe levers
+            of ``diffusion.*``.
         default_start_step: T' used when :meth:`sample` gets no start step (methods with their own prior:
             ``sample.start_step``); None starts from pure noise.
     """
@@ -66,14 +68,17 @@ class GaussianMaskDiffusion(Method):
     samplers = ("ddim", "ddpm")
     takes_start_step = True
     levers = ("diffusion.x0_seg_weight", "diffusion.x0_logits", "diffusion.recycle", "diffusion.train_timesteps",
-              "diffusion.first_step_share")
+              "diffusion.first_step_share", "diffusion.image_seg_weight")
 
     def __init__(self, denoiser: nn.Module, scheduler: GaussianScheduler, num_classes: int,
                  loss_weights: Optional[dict[str, float]] = None, *, default_steps: int = 10,
                  default_sampler: str = "ddim", x0_seg_weight: float = 0.0, x0_logits: bool = False,
                  recycle: float = 0.0, train_timesteps: str = "all", first_step_share: float = 0.0,
-                 default_start_step: Optional[int] = None) -> None:
+                 image_seg_weight: float = 0.0, default_start_step: Optional[int] = None) -> None:
         super().__init__()
+        if image_seg_weight > 0 and getattr(denoiser, "image_head", None) is None:
+            raise ConfigError(f"diffusion.image_seg_weight needs a denoiser with an image encoder and its head "
+                              f"(model 'medsegdiff'); '{type(denoiser).__name__}' has none: set it to 0")
         if (x0_seg_weight or recycle or x0_logits) and scheduler.prediction != "x0":
             raise ConfigError("diffusion.x0_seg_weight, diffusion.x0_logits and diffusion.recycle need "
                               f"diffusion.prediction: x0 (got {scheduler.prediction!r})")
@@ -97,6 +102,7 @@ class GaussianMaskDiffusion(Method):
         self.recycle = recycle
         self.train_timesteps = check_train_timesteps(train_timesteps)
         self.first_step_share = check_share("diffusion.first_step_share", first_step_share)
+        self.image_seg_weight = float(image_seg_weight)
         self.default_start_step = default_start_step
 
     @classmethod
@@ -109,13 +115,19 @@ class GaussianMaskDiffusion(Method):
     def from_config(cls, cfg: Config, **kwargs: Any) -> "GaussianMaskDiffusion":
         params = dict(cfg.model.params)
         method_params = {k: params.pop(k) for k in getattr(cls, "method_params", ()) if k in params}
-        denoiser = build_model(cfg.model.name, params, **cls.denoiser_kwargs(cfg))
+        extra = {}
+        if cfg.diffusion.image_seg_weight > 0:  # the image encoder's segmentation head of its deep supervision
+            if not model_accepts(cfg.model.name, "image_head"):
+                raise ConfigError(f"diffusion.image_seg_weight needs a denoiser with an image encoder (model "
+                                  f"'medsegdiff'); model '{cfg.model.name}' has none: set it to 0")
+            extra["image_head"] = True
+        denoiser = build_model(cfg.model.name, params, **cls.denoiser_kwargs(cfg), **extra)
         sampler = cfg.sample.sampler if cfg.sample.sampler in cls.samplers else cls.samplers[0]
         return cls(denoiser, gaussian_scheduler(cfg), cfg.data.num_classes, dict(cfg.train.loss_weights),
                    default_steps=cfg.sample.steps, default_sampler=sampler, x0_seg_weight=cfg.diffusion.x0_seg_weight,
                    x0_logits=cfg.diffusion.x0_logits,
                    recycle=cfg.diffusion.recycle, train_timesteps=cfg.diffusion.train_timesteps,
-                   first_step_share=cfg.diffusion.first_step_share,
+                   first_step_share=cfg.diffusion.first_step_share, image_seg_weight=cfg.diffusion.image_seg_weight,
                    default_start_step=cfg.sample.start_step if cls.own_prior else None, **method_params, **kwargs)
 
     def ema_module(self) -> nn.Module:
@@ -125,7 +137,11 @@ class GaussianMaskDiffusion(Method):
         """``(prediction, raw output)`` of the denoiser in float32: the prediction is what the scheduler reads
         (eps, x0 or v); with ``x0_logits`` the raw output is the clean mask's logits and the prediction
         ``to_range(probabilities(logits))``, otherwise both are the output itself."""
-        out = self.denoiser(x_t, t, cond).float()
+        return self.read_output(self.denoiser(x_t, t, cond))
+
+    def read_output(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        """``(prediction, raw output)`` of a denoiser output (see :meth:`predict`)."""
+        out = out.float()
         if self.x0_logits:
             return self.scheduler.mask_to_x0(probabilities(out)), out
         return out, out
@@ -155,9 +171,16 @@ class GaussianMaskDiffusion(Method):
                     t[sel] = t_rec
         noise = randn_like(x0, generator)
         x_t = self.scheduler.add_noise(src, noise, t)
-        pred, out = self.predict(x_t, t, cond)
+        if self.image_seg_weight > 0:  # one pass: the prediction and the image head's logits
+            out_raw, image_logits = self.denoiser(x_t, t, cond, image_logits=True)
+            pred, out = self.read_output(out_raw)
+        else:
+            pred, out = self.predict(x_t, t, cond)
         target = self.scheduler.training_target(x0, noise, t)
         raw = {"diffusion": torch.mean((pred - target) ** 2)}
+        if self.image_seg_weight > 0:  # deep supervision: the image path locates the structure by itself
+            terms = segmentation_loss_terms(image_logits, mask)
+            raw["image_seg"] = terms["dice"] + terms["ce"]
         if self.x0_seg_weight > 0 and self.x0_logits:  # a segmentor's Dice + CE on the x0 logits
             terms = segmentation_loss_terms(out, mask)
             raw["x0_seg"] = terms["dice"] + terms["ce"]
@@ -208,7 +231,7 @@ class GaussianMaskDiffusion(Method):
 
     def term_weights(self) -> dict[str, float]:
         """Default weights of the loss terms (``train.loss_weights`` overrides them)."""
-        return {"diffusion": 1.0, "x0_seg": self.x0_seg_weight}
+        return {"diffusion": 1.0, "x0_seg": self.x0_seg_weight, "image_seg": self.image_seg_weight}
 
     # ---- sampling -----------------------------------------------------------------------------------------
 

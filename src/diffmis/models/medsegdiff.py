@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffmis.models.layers import (
@@ -133,6 +134,7 @@ class MedSegDiff(nn.Module):
         dropout: float = 0.0,
         learn_sigma: bool = False,
         image_skips: bool = False,
+        image_head: bool = False,
         spatial_dims: int = 2,
     ) -> None:
         super().__init__()
@@ -175,22 +177,28 @@ class MedSegDiff(nn.Module):
         self.middle = MiddleBlock(chans[-1], time_dim, head_channels=head_channels, dropout=dropout, spatial_dims=d)
         self.decoder = build_decoder(width, channel_mult, time_dim, skips, **kw)
         self.head = OutputHead(chans[0], self.out_channels, spatial_dims=d)
+        self.image_head = OutputHead(chans[-1], num_classes, spatial_dims=d) if image_head else None
 
     def condition(self, image: Tensor) -> dict[str, Tensor]:
         """``image: (B, C, *spatial)`` -> ``{"image": image}`` (DCE depends on ``x_t``: nothing else is cacheable)."""
         return {"image": image}
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], *, image_logits: bool = False
+                ) -> Tensor | tuple[Tensor, Tensor]:
         """Predict the diffusion target.
 
         Args:
             x_t: ``(B, K, *spatial)`` noisy mask (``spatial`` is ``H, W`` or ``D, H, W``).
             t: ``(B,)`` int64 timesteps.
             cond: ``{"image": (B, C, *spatial)}``.
+            image_logits: also return the image head's segmentation logits (needs ``image_head=True``).
 
         Returns:
-            ``(B, K * (2 if learn_sigma else 1), *spatial)``.
+            ``(B, K * (2 if learn_sigma else 1), *spatial)``; with ``image_logits`` also the ``(B, K, *spatial)``
+            logits of the image head (computed at the bottleneck, resized to ``x_t``'s size).
         """
+        if image_logits and self.image_head is None:
+            raise ValueError("image_logits=True needs a model built with image_head=True")
         check_spatial_size(x_t, self.size_multiple, type(self).__name__, self.spatial_dims)
         emb = self.time_embed(t)
         h_x = self.mask_stem(x_t)
@@ -215,4 +223,9 @@ class MedSegDiff(nn.Module):
         h = self.middle(h_x + h_i, emb)  # D(E^x + E^I): bottleneck sum
         for level in self.decoder:
             h = level(h, skips, emb)
-        return self.head(h)
+        out = self.head(h)
+        if not image_logits:
+            return out
+        seg = self.image_head(h_i)
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        return out, F.interpolate(seg, size=tuple(x_t.shape[2:]), mode=mode, align_corners=False)
